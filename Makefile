@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv from the lock files
+# and reuse it on the next call (the stamp files below track the lock files).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RAW_SAMPLE := data/01_raw/cassava_sample
+
+.PHONY: run test lint format sample viz lock clean-env
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@ $(VENV)/.installed
+
+# The embedded sample is generated (deterministically) only when its raw folder is empty.
+sample: $(VENV)/.installed
+	@if [ -z "$$(ls -A $(RAW_SAMPLE) 2>/dev/null | grep -v '^.gitkeep$$')" ]; then \
+		$(BIN)/kedro run --pipelines=sample_data; \
+	fi
+
+run: sample
+	$(BIN)/kedro run --pipeline=cassava
+
+test: $(VENV)/.installed-dev lint
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+viz: $(VENV)/.installed
+	$(BIN)/kedro viz run
+
+# Regenerate the lock files after changing pyproject.toml: resolve in throw-away environments
+# (with constraints.txt) and freeze them, so the locks list exactly what pip installed.
+lock:
+	bash tools/lock.sh
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,50 @@
+"""A dataset of presized images stored as shard files (see ``vision.presize``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset
+
+from cassava_pipeline.vision.presize import META_FILE, PresizeJob, write_shards
+from cassava_pipeline.vision.shards import ShardedImages
+
+
+class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
+    """Saves a :class:`PresizeJob` by running it into ``path``; loads a :class:`ShardedImages`.
+
+    The shards are written into a temporary sibling folder that replaces ``path`` only once
+    complete, so an interrupted presize never leaves a half-written set behind.
+    """
+
+    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> ShardedImages:
+        return ShardedImages(self._path)
+
+    def save(self, data: PresizeJob) -> None:
+        parent = self._path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{self._path.name}.tmp-{os.getpid()}"
+        old = parent / f".{self._path.name}.old-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_shards(data, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self._path.exists():
+            self._path.rename(old)
+        tmp.rename(self._path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _exists(self) -> bool:
+        return (self._path / META_FILE).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

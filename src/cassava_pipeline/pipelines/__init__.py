@@ -1,0 +1,1 @@
+"""Kedro pipelines: thin, typed nodes that call into ``cassava_pipeline.vision``."""

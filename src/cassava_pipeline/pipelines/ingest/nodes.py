@@ -1,0 +1,63 @@
+"""Nodes of the ingest pipeline: thin adapters from catalog objects to ``vision``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cassava_pipeline.vision.ingest import IngestOptions, check_exclusions, ingest, summarise
+from cassava_pipeline.vision.layouts import layout_from_params
+from cassava_pipeline.vision.split import SplitOptions, split
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_images(raw_images: Path, params: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
+    """List the images of the configured layout, verify each one and report what was excluded."""
+    options = IngestOptions(
+        max_image_pixels=int(params["max_image_pixels"]),
+        workers=int(params["workers"]),
+        chunk_size=int(params["chunk_size"]),
+    )
+    manifest, report = ingest(raw_images, layout_from_params(params), options)
+    for line in summarise(report):
+        logger.info(line)
+    for row in report["excluded"][:10]:
+        logger.warning("excluded %s: %s %s", row["path"], row["reason"], row["detail"])
+    return manifest, report
+
+
+def check_ingest(candidates: pd.DataFrame, data_report: dict, params: dict[str, Any]) -> pd.DataFrame:
+    """Pass the manifest on, or stop the run when too many files were excluded.
+
+    A node of its own so that the data report is already saved when the run stops.
+    """
+    check_exclusions(data_report, float(params["max_excluded_fraction"]))
+    return candidates
+
+
+def split_manifest(
+    manifest: pd.DataFrame, data_report: dict, params: dict[str, Any]
+) -> tuple[pd.DataFrame, dict]:
+    """Fill ``is_valid``: the layout's own split, or a stratified random one; report the counts."""
+    options = SplitOptions(
+        valid_pct=float(params["valid_pct"]),
+        seed=int(params["seed"]),
+        use_layout_split=bool(params["use_layout_split"]),
+    )
+    classes = [c["name"] for c in data_report["classes"]]
+    result, report = split(manifest, classes, options)
+    logger.info(
+        "split (%s): %d train, %d valid; %d duplicate groups, %d duplicates moved to train",
+        report["method"],
+        report["n_train"],
+        report["n_valid"],
+        report["duplicate_groups"],
+        report["duplicates_moved_to_train"],
+    )
+    for c in report["classes"]:
+        logger.info("  %-40s train %5d  valid %5d", c["name"], c["train"], c["valid"])
+    return result, report

@@ -1,0 +1,26 @@
+"""Nodes of the presize pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions
+
+
+def presize_images(
+    split_manifest: pd.DataFrame, data_report: dict, raw_images: Path, params: dict[str, Any]
+) -> PresizeJob:
+    """Describe the presize of every manifest image; the shards dataset carries it out on save."""
+    options = PresizeOptions(
+        size=int(params["size"]),
+        workers=int(params["workers"]),
+        shard_mb=int(params["shard_mb"]),
+        chunk_size=int(params["chunk_size"]),
+        max_image_pixels=int(params["max_image_pixels"]),
+        jpeg_draft=bool(params["jpeg_draft"]),
+    )
+    classes = tuple(c["name"] for c in data_report["classes"])
+    return PresizeJob(root=str(raw_images), manifest=split_manifest, classes=classes, options=options)

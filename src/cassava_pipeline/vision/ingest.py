@@ -1,0 +1,191 @@
+"""Verify every listed image and build the manifest and the data report.
+
+Each file is read once, hashed, and decoded (JPEGs at 1/8 scale: every byte is read, so
+truncation is caught). Unusable files are excluded with their reason; the report lists them all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .images import DEFAULT_MAX_PIXELS, ImageError, inspect_image, read_bytes
+from .layouts import Layout, Listing, Rejected, list_images
+from .parallel import chunked, ordered_map, resolve_workers
+
+MANIFEST_COLUMNS = [
+    "path",  # relative to the raw image root, posix separators
+    "label",  # index into the class vocabulary (report["classes"])
+    "label_name",
+    "is_valid",  # the layout's own split (True/False), or <NA> when it has none
+    "width",  # after EXIF orientation
+    "height",
+    "hash",  # blake2b-128 of the file's bytes: equal for byte-identical files
+]
+
+
+class IngestError(RuntimeError):
+    """Too much of the data set is unusable; the message lists the first files and reasons."""
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How ingest verifies files."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit
+    workers: int = 0  # processes; 0 = all cores
+    chunk_size: int = 64  # files per task sent to a worker
+
+
+def _verify_chunk(args: tuple[str, Sequence[str], int]) -> list[tuple]:
+    root, paths, max_pixels = args
+    out = []
+    for rel in paths:
+        try:
+            info = inspect_image(read_bytes(str(Path(root) / rel)), max_pixels=max_pixels)
+            out.append((info.width, info.height, info.mode, info.format, info.hash))
+        except ImageError as e:
+            out.append((e.reason, e.detail))
+    return out
+
+
+def verify_images(root: Path, paths: Sequence[str], options: IngestOptions) -> list[tuple]:
+    """Inspect each path; a 5-tuple (width, height, mode, format, hash) or (reason, detail)."""
+    workers = resolve_workers(options.workers)
+    if len(paths) < 2 * options.chunk_size:
+        workers = 1  # a pool costs more than it saves on a handful of files
+    tasks = [(str(root), c, options.max_image_pixels) for c in chunked(paths, options.chunk_size)]
+    results: list[tuple] = []
+    for chunk_result in ordered_map(_verify_chunk, tasks, workers=workers):
+        results.extend(chunk_result)
+    return results
+
+
+def ingest(root: Path, layout: Layout, options: IngestOptions) -> tuple[pd.DataFrame, dict]:
+    """List, verify and describe the images under ``root``; returns (manifest, report)."""
+    listing = list_images(root, layout)
+    return build_manifest(root, listing, options)
+
+
+def build_manifest(root: Path, listing: Listing, options: IngestOptions) -> tuple[pd.DataFrame, dict]:
+    """Verify the listing's candidates and assemble the manifest and the report."""
+    cand = listing.candidates
+    results = verify_images(root, list(cand["path"]), options)
+    excluded: list[Rejected] = list(listing.rejected)
+    keep, infos = [], []
+    for i, res in enumerate(results):
+        if len(res) == 2:
+            excluded.append(Rejected(cand["path"].iat[i], res[0], res[1]))
+        else:
+            keep.append(i)
+            infos.append(res)
+    good = cand.iloc[keep].reset_index(drop=True)
+    info = pd.DataFrame(infos, columns=["width", "height", "mode", "format", "hash"])
+    good = pd.concat([good, info], axis=1)
+
+    counts = Counter(good["label_name"])
+    vocab = [c for c in listing.classes if counts.get(c, 0) > 0]
+    empty = [c for c in listing.classes if counts.get(c, 0) == 0]
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = dict(zip(listing.classes, listing.class_ids, strict=True)) if listing.class_ids else {}
+
+    manifest = pd.DataFrame(
+        {
+            "path": good["path"].astype(str),
+            "label": good["label_name"].map(index).astype("int64"),
+            "label_name": good["label_name"].astype(str),
+            "is_valid": pd.array(good["is_valid"].tolist(), dtype="boolean"),
+            "width": good["width"].astype("int64"),
+            "height": good["height"].astype("int64"),
+            "hash": good["hash"].astype(str),
+        },
+        columns=MANIFEST_COLUMNS,
+    )
+    n_total = len(cand) + len(listing.rejected)
+    dup = int(manifest["hash"].duplicated().sum())
+    report = {
+        "root": str(root),
+        "n_listed": n_total,
+        "n_images": len(manifest),
+        "n_excluded": len(excluded),
+        "excluded_fraction": (len(excluded) / n_total) if n_total else 0.0,
+        "excluded_by_reason": dict(Counter(r.reason for r in excluded).most_common()),
+        "classes": [
+            {"index": index[c], "name": c, "source_id": ids.get(c), "count": counts[c]} for c in vocab
+        ],
+        "empty_classes": empty,
+        "has_split": listing.has_split,
+        "duplicate_files": dup,
+        "modes": dict(Counter(good["mode"]).most_common()),
+        "formats": dict(Counter(good["format"]).most_common()),
+        "size": _size_summary(manifest),
+        "ignored_hidden_files": list(listing.ignored),
+        "excluded": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in excluded],
+    }
+    return manifest, report
+
+
+def _size_summary(manifest: pd.DataFrame) -> dict:
+    if manifest.empty:
+        return {}
+    w, h = manifest["width"], manifest["height"]
+    common = Counter(zip(w, h, strict=True)).most_common(1)[0][0]
+    return {
+        "min_width": int(w.min()),
+        "max_width": int(w.max()),
+        "min_height": int(h.min()),
+        "max_height": int(h.max()),
+        "most_common": f"{common[0]}x{common[1]}",
+    }
+
+
+def check_exclusions(report: dict, max_excluded_fraction: float, *, show: int = 10) -> None:
+    """Raise :class:`IngestError` when more than the allowed fraction of files was excluded."""
+    if report["n_images"] == 0:
+        raise IngestError(
+            f"No usable image among {report['n_listed']} listed in {report['root']}. "
+            + _first_lines(report, show)
+            + " Check ingest.layout and its settings in parameters_ingest.yml."
+        )
+    frac = report["excluded_fraction"]
+    if frac > max_excluded_fraction:
+        raise IngestError(
+            f"{report['n_excluded']:,} of {report['n_listed']:,} listed files "
+            f"({frac:.1%}) were excluded, more than ingest.max_excluded_fraction="
+            f"{max_excluded_fraction} allows. By reason: {report['excluded_by_reason']}. "
+            + _first_lines(report, show)
+            + " The data report (data/08_reporting/data_report.json) lists every file. Fix or "
+            "remove those files (or the CSV rows naming them), or raise "
+            "ingest.max_excluded_fraction if losing them is acceptable."
+        )
+
+
+def _first_lines(report: dict, show: int) -> str:
+    rows = report["excluded"][:show]
+    if not rows:
+        return ""
+    lines = "; ".join(
+        f"{r['path']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "") for r in rows
+    )
+    more = report["n_excluded"] - len(rows)
+    return f"First {len(rows)}: {lines}" + (f"; and {more:,} more." if more > 0 else ".")
+
+
+def summarise(report: dict) -> list[str]:
+    """Log lines summarising a data report."""
+    lines = [
+        f"{report['n_images']:,} images in {len(report['classes'])} classes from {report['root']}; "
+        f"{report['n_excluded']:,} excluded ({report['excluded_fraction']:.2%})",
+        "classes: " + ", ".join(f"{c['name']}={c['count']}" for c in report["classes"]),
+    ]
+    if report["excluded_by_reason"]:
+        lines.append(f"excluded by reason: {report['excluded_by_reason']}")
+    if report["empty_classes"]:
+        lines.append(f"empty classes (left out of the vocabulary): {report['empty_classes']}")
+    if report["duplicate_files"]:
+        lines.append(f"{report['duplicate_files']} byte-identical duplicate files")
+    return lines

@@ -1,0 +1,285 @@
+"""List the labelled images of a data set in the three layouts the seeds use.
+
+- ``CsvLayout``: a CSV of file and label (Kaggle's ``train.csv``), optionally with an ``is_val``
+  column and a JSON map from label id to class name.
+- ``FolderLayout``: a folder per class, optionally under ``train/`` and ``valid/`` folders.
+- ``RegexLayout``: the label is a regular expression group of the file name (Oxford pets).
+
+A listing is a table of candidates (relative path, class name, is_valid) plus the rows that
+could not become candidates (unknown label, duplicate row, ...), each with a reason. Nothing is
+dropped without a line in ``rejected``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+CANDIDATE_COLUMNS = ["path", "label_name", "is_valid"]
+
+
+class LayoutError(ValueError):
+    """The data set's layout does not match the configuration; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One file or row that is left out, and why."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Candidates to verify, the class vocabulary in label order, and what was rejected already."""
+
+    candidates: pd.DataFrame
+    classes: tuple[str, ...]
+    rejected: tuple[Rejected, ...] = ()
+    class_ids: tuple[str, ...] = ()  # the source's own label ids (Kaggle's 0..4), if it has any
+    has_split: bool = False
+    ignored: tuple[str, ...] = field(default=())  # hidden files skipped on purpose
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """Kaggle's layout: ``file`` lists ``image_column`` and ``label_column`` rows."""
+
+    file: str = "train.csv"
+    image_dir: str = "train_images"
+    image_column: str = "image_id"
+    label_column: str = "label"
+    valid_column: str | None = "is_val"  # fastai's Cassava seed splits on this column when present
+    label_map: str | None = "label_num_to_disease_map.json"  # null: the labels are class names
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """``root/<class>/<file>``, or ``root/train/<class>`` and ``root/valid/<class>``."""
+
+    train_folder: str = "train"
+    valid_folder: str = "valid"
+
+
+@dataclass(frozen=True)
+class RegexLayout:
+    """Every file under ``image_dir``; its class is group 1 of ``pattern`` on the file name."""
+
+    image_dir: str = "images"
+    pattern: str = r"(.+)_\d+.jpg$"  # fastai's pets example: 'Maine_Coon_157.jpg' -> 'Maine_Coon'
+
+
+Layout = CsvLayout | FolderLayout | RegexLayout
+
+
+def layout_from_params(params: dict) -> Layout:
+    """Build the layout named by ``params['layout']`` from its own section of ``params``."""
+    kinds = {"csv": CsvLayout, "folder": FolderLayout, "regex": RegexLayout}
+    name = params.get("layout")
+    if name not in kinds:
+        raise LayoutError(
+            f"ingest.layout is {name!r}; use one of {sorted(kinds)} (see parameters_ingest.yml)"
+        )
+    section = params.get(name) or {}
+    try:
+        return kinds[name](**section)
+    except TypeError as e:
+        raise LayoutError(f"ingest.{name} has an unknown key: {e}") from e
+
+
+def list_images(root: Path, layout: Layout) -> Listing:
+    """List the candidates of ``root`` according to ``layout``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(
+            f"The raw image folder {root} does not exist. Run `make run` (it generates the "
+            "sample), or unpack the Kaggle data there and use --env=kaggle (see README)."
+        )
+    if isinstance(layout, CsvLayout):
+        return _list_csv(root, layout)
+    if isinstance(layout, FolderLayout):
+        return _list_folders(root, layout)
+    return _list_regex(root, layout)
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _read_label_map(root: Path, layout: CsvLayout) -> dict[str, str] | None:
+    if layout.label_map is None:
+        return None
+    path = root / layout.label_map
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise LayoutError(
+            f"Label map {path} is missing; add it or set ingest.csv.label_map: null "
+            "to use the labels themselves as class names"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"Label map {path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or not raw:
+        raise LayoutError(f"Label map {path} must be a JSON object of label id -> class name")
+    return {str(k).strip(): str(v) for k, v in raw.items()}
+
+
+def _label_key(value: object) -> str:
+    """Normalise a CSV label so that 3, '3' and 3.0 all name label id '3'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _sorted_ids(ids) -> list[str]:
+    def key(s: str):
+        return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
+
+    return sorted(ids, key=key)
+
+
+def _list_csv(root: Path, layout: CsvLayout) -> Listing:
+    csv_path = root / layout.file
+    try:
+        table = pd.read_csv(csv_path, dtype={layout.image_column: str}, keep_default_na=True)
+    except FileNotFoundError as e:
+        raise LayoutError(
+            f"{csv_path} is missing; ingest.layout is 'csv', which needs it "
+            "(or set ingest.layout to 'folder' or 'regex')"
+        ) from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise LayoutError(f"{csv_path} cannot be read as CSV: {e}") from e
+    for col in (layout.image_column, layout.label_column):
+        if col not in table.columns:
+            raise LayoutError(
+                f"{csv_path} has no column {col!r} (it has {list(table.columns)}); "
+                "set ingest.csv.image_column / label_column"
+            )
+    label_map = _read_label_map(root, layout)
+    has_split = layout.valid_column is not None and layout.valid_column in table.columns
+
+    rejected: list[Rejected] = []
+    rows: list[tuple[str, str, object]] = []
+    seen: set[str] = set()
+    for i, rec in enumerate(table.to_dict("records")):
+        image = rec.get(layout.image_column)
+        line = f"{layout.file} row {i + 2}"  # +2: header line, 1-based
+        if not isinstance(image, str) or not image.strip():
+            rejected.append(Rejected(line, "missing file name"))
+            continue
+        rel = (Path(layout.image_dir) / image.strip()).as_posix()
+        label = rec.get(layout.label_column)
+        if label is None or (isinstance(label, float) and pd.isna(label)):
+            rejected.append(Rejected(rel, "missing label", line))
+            continue
+        key = _label_key(label)
+        if label_map is not None and key not in label_map:
+            rejected.append(
+                Rejected(rel, "unknown label", f"{line}: label {key!r} is not in {layout.label_map}")
+            )
+            continue
+        if rel in seen:
+            rejected.append(Rejected(rel, "duplicate row", f"{line} repeats an earlier row"))
+            continue
+        seen.add(rel)
+        is_valid = _parse_bool(rec.get(layout.valid_column), line) if has_split else None
+        if isinstance(is_valid, Rejected):
+            rejected.append(Rejected(rel, is_valid.reason, is_valid.detail))
+            continue
+        rows.append((rel, label_map[key] if label_map is not None else key, is_valid))
+
+    if label_map is not None:
+        class_ids = tuple(_sorted_ids(label_map))
+        classes = tuple(label_map[k] for k in class_ids)
+    else:
+        class_ids = tuple(_sorted_ids({r[1] for r in rows}))
+        classes = class_ids
+    candidates = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+    return Listing(candidates, classes, tuple(rejected), class_ids, has_split)
+
+
+def _parse_bool(value: object, line: str) -> bool | Rejected:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "1.0"):
+        return True
+    if text in ("false", "0", "no", "0.0"):
+        return False
+    return Rejected(line, "bad is_valid value", f"{line}: {value!r} is not true/false")
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
+
+
+def _list_folders(root: Path, layout: FolderLayout) -> Listing:
+    train, valid = root / layout.train_folder, root / layout.valid_folder
+    has_split = train.is_dir() and valid.is_dir()
+    sides = [(train, False), (valid, True)] if has_split else [(root, None)]
+    rows, rejected, ignored, names = [], [], [], set()
+    for side, is_valid in sides:
+        for p in sorted(side.iterdir()):
+            if p.is_file() and not _is_hidden(p):
+                rejected.append(
+                    Rejected(p.relative_to(root).as_posix(), "not in a class folder", "")
+                )
+        for folder in _class_folders(side):
+            names.add(folder.name)
+            for f in _files(folder):
+                rel = f.relative_to(root).as_posix()
+                if any(_is_hidden(Path(part)) for part in f.relative_to(folder).parts):
+                    ignored.append(rel)
+                    continue
+                rows.append((rel, folder.name, is_valid))
+    if not names:
+        raise LayoutError(
+            f"{root} has no class folders; ingest.layout 'folder' expects root/<class>/<image> "
+            f"or root/{layout.train_folder}/<class> and root/{layout.valid_folder}/<class>"
+        )
+    classes = tuple(sorted(names))  # fastai's CategoryMap sorts the vocabulary
+    return Listing(
+        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS),
+        classes,
+        tuple(rejected),
+        (),
+        has_split,
+        tuple(ignored),
+    )
+
+
+def _list_regex(root: Path, layout: RegexLayout) -> Listing:
+    folder = root / layout.image_dir
+    if not folder.is_dir():
+        raise LayoutError(f"{folder} does not exist; set ingest.regex.image_dir")
+    try:
+        pattern = re.compile(layout.pattern)
+    except re.error as e:
+        raise LayoutError(f"ingest.regex.pattern {layout.pattern!r} is invalid: {e}") from e
+    if pattern.groups < 1:
+        raise LayoutError(f"ingest.regex.pattern {layout.pattern!r} needs a group for the label")
+    rows, rejected, ignored = [], [], []
+    for f in _files(folder):
+        rel = f.relative_to(root).as_posix()
+        if _is_hidden(f):
+            ignored.append(rel)
+            continue
+        m = pattern.search(f.name)
+        if m is None or not m.group(1):
+            rejected.append(Rejected(rel, "label pattern did not match", layout.pattern))
+            continue
+        rows.append((rel, m.group(1), None))
+    classes = tuple(sorted({r[1] for r in rows}))
+    return Listing(
+        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), classes, tuple(rejected), (), False, tuple(ignored)
+    )

@@ -1,0 +1,188 @@
+"""Ingest: the three layouts, every bad-input case, and the exclusion threshold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cassava_pipeline.vision.ingest import (
+    MANIFEST_COLUMNS,
+    IngestError,
+    IngestOptions,
+    check_exclusions,
+    ingest,
+)
+from cassava_pipeline.vision.layouts import CsvLayout, FolderLayout, LayoutError, RegexLayout
+from tests.images import gradient_rgb, jpeg_bytes, write_jpeg
+
+SERIAL = IngestOptions(workers=1)
+
+
+def reasons(report: dict) -> dict[str, str]:
+    return {r["path"]: r["reason"] for r in report["excluded"]}
+
+
+def test_csv_layout_clean(kaggle_dir: Path):
+    manifest, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert len(manifest) == 18 and report["n_excluded"] == 0
+    assert [c["name"] for c in report["classes"]] == ["alpha", "beta", "gamma"]
+    assert [c["source_id"] for c in report["classes"]] == ["0", "1", "2"]
+    row = manifest.set_index("path").loc["train_images/1002.jpg"]
+    assert (row["label"], row["label_name"], row["width"], row["height"]) == (1, "beta", 40, 30)
+    assert manifest["is_valid"].isna().all()  # no is_val column
+    assert report["size"]["most_common"] == "40x30"
+
+
+def test_csv_layout_bad_inputs_are_listed_with_reasons(kaggle_dir: Path):
+    imgs = kaggle_dir / "train_images"
+    (imgs / "0000.jpg").write_bytes(b"")  # zero bytes
+    good = (imgs / "0001.jpg").read_bytes()
+    (imgs / "0001.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (imgs / "0002.jpg").write_text("not an image at all")  # text named .jpg
+    (imgs / "0003.jpg").write_bytes(np.random.default_rng(0).bytes(2000))  # random bytes
+    table = pd.read_csv(kaggle_dir / "train.csv")
+    extra = pd.DataFrame(
+        [("missing.jpg", 0), ("1000.jpg", 7), ("1001.jpg", 1), ("1002.jpg", None)],
+        columns=["image_id", "label"],
+    )
+    pd.concat([table, extra]).to_csv(kaggle_dir / "train.csv", index=False)
+
+    manifest, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    got = reasons(report)
+    assert got["train_images/0000.jpg"] == "empty file"
+    assert got["train_images/0001.jpg"] == "truncated image"
+    assert got["train_images/0002.jpg"] == "not an image"
+    assert got["train_images/0003.jpg"] == "not an image"
+    assert got["train_images/missing.jpg"] == "missing file"
+    assert got["train_images/1000.jpg"] == "unknown label"
+    assert got["train_images/1001.jpg"] == "duplicate row"
+    assert got["train_images/1002.jpg"] == "missing label"
+    assert report["n_listed"] == 22 and report["n_excluded"] == 8 and len(manifest) == 14
+    assert report["excluded_by_reason"]["not an image"] == 2
+    assert "train_images/0000.jpg" not in set(manifest["path"])
+
+
+def test_threshold_stops_with_count_files_and_reasons(kaggle_dir: Path):
+    (kaggle_dir / "train_images" / "0000.jpg").write_bytes(b"")
+    _, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    assert report["excluded_fraction"] == pytest.approx(1 / 18)
+    check_exclusions(report, 0.1)  # 5.6% is within 10%
+    with pytest.raises(IngestError) as e:
+        check_exclusions(report, 0.01)
+    msg = str(e.value)
+    assert "1 of 18" in msg and "5.6%" in msg
+    assert "train_images/0000.jpg: empty file" in msg and "max_excluded_fraction" in msg
+
+
+def test_empty_class_is_left_out_and_reported(kaggle_dir: Path):
+    table = pd.read_csv(kaggle_dir / "train.csv")
+    table[table["label"] != 1].to_csv(kaggle_dir / "train.csv", index=False)
+    manifest, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    assert report["empty_classes"] == ["beta"]
+    assert [(c["name"], c["index"]) for c in report["classes"]] == [("alpha", 0), ("gamma", 1)]
+    assert sorted(manifest["label"].unique()) == [0, 1]
+
+
+def test_csv_is_val_column_and_label_names(tmp_path: Path):
+    root = tmp_path / "d"
+    for i in range(4):
+        write_jpeg(root / "imgs" / f"{i}.png", seed=i)
+    pd.DataFrame(
+        {"image_id": [f"{i}.png" for i in range(4)], "label": ["cat", "dog", "cat", "dog"],
+         "is_val": [False, False, True, "True"]}
+    ).to_csv(root / "labels.csv", index=False)
+    layout = CsvLayout(file="labels.csv", image_dir="imgs", label_map=None)
+    manifest, report = ingest(root, layout, SERIAL)
+    assert report["has_split"] is True
+    assert manifest["is_valid"].tolist() == [False, False, True, True]
+    assert manifest["label_name"].tolist() == ["cat", "dog", "cat", "dog"]
+
+
+def test_csv_missing_column_names_the_fix(kaggle_dir: Path):
+    with pytest.raises(LayoutError, match="image_column"):
+        ingest(kaggle_dir, CsvLayout(image_column="file"), SERIAL)
+
+
+def test_folder_layout_with_train_and_valid(tmp_path: Path):
+    root = tmp_path / "clothes"
+    for side in ("train", "valid"):
+        for cls in ("hat", "shoe"):
+            for j in range(2):
+                write_jpeg(root / side / cls / f"{j}.jpg", seed=j)
+    (root / "train" / "scarf").mkdir()  # empty class folder
+    (root / "train" / "hat" / ".DS_Store").write_bytes(b"junk")
+    (root / "train" / "README.txt").write_text("stray file")
+    manifest, report = ingest(root, FolderLayout(), SERIAL)
+    assert [c["name"] for c in report["classes"]] == ["hat", "shoe"]
+    assert report["empty_classes"] == ["scarf"]
+    assert manifest.groupby("is_valid").size().to_dict() == {False: 4, True: 4}
+    assert reasons(report) == {"train/README.txt": "not in a class folder"}
+    assert report["ignored_hidden_files"] == ["train/hat/.DS_Store"]
+
+
+def test_folder_layout_flat(tmp_path: Path):
+    for cls in ("b", "a"):
+        write_jpeg(tmp_path / cls / "x.jpg")
+    manifest, report = ingest(tmp_path, FolderLayout(), SERIAL)
+    assert [c["name"] for c in report["classes"]] == ["a", "b"]  # sorted, as fastai's vocab
+    assert manifest["is_valid"].isna().all()
+
+
+def test_regex_layout_pets(tmp_path: Path):
+    for name in ("Maine_Coon_157.jpg", "Maine_Coon_2.jpg", "german_shorthaired_12.jpg"):
+        write_jpeg(tmp_path / "images" / name)
+    write_jpeg(tmp_path / "images" / "nolabel.jpg")
+    manifest, report = ingest(tmp_path, RegexLayout(), SERIAL)
+    assert manifest["label_name"].tolist() == ["Maine_Coon", "Maine_Coon", "german_shorthaired"]
+    assert reasons(report) == {"images/nolabel.jpg": "label pattern did not match"}
+
+
+def test_odd_modes_are_accepted(tmp_path: Path):
+    d = tmp_path / "x" / "cls"
+    d.mkdir(parents=True)
+    Image.fromarray(gradient_rgb(8, 8)).convert("L").save(d / "l.png")
+    Image.fromarray(gradient_rgb(8, 8)).convert("RGBA").save(d / "rgba.png")
+    Image.fromarray(gradient_rgb(8, 8)).convert("P").save(d / "p.gif")
+    Image.fromarray(gradient_rgb(8, 8)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(d / "16.png")
+    (d / "webp.webp").write_bytes(b"")
+    Image.fromarray(gradient_rgb(8, 8)).save(d / "w.webp")
+    manifest, report = ingest(tmp_path / "x", FolderLayout(), SERIAL)
+    assert len(manifest) == 6 and reasons(report) == {"cls/webp.webp": "empty file"}
+    assert set(report["modes"]) >= {"L", "RGBA", "P", "CMYK"}
+
+
+def test_missing_root_says_what_to_do(tmp_path: Path):
+    with pytest.raises(LayoutError, match="make run"):
+        ingest(tmp_path / "nope", CsvLayout(), SERIAL)
+
+
+def test_parallel_equals_serial(kaggle_dir: Path):
+    (kaggle_dir / "train_images" / "0004.jpg").write_bytes(b"xx")
+    a, ra = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    b, rb = ingest(kaggle_dir, CsvLayout(), IngestOptions(workers=2, chunk_size=2))
+    pd.testing.assert_frame_equal(a, b)
+    assert ra == rb
+
+
+def test_duplicates_are_counted(kaggle_dir: Path):
+    imgs = kaggle_dir / "train_images"
+    (imgs / "0005.jpg").write_bytes((imgs / "1005.jpg").read_bytes())
+    _, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
+    assert report["duplicate_files"] == 1
+    assert json.loads(json.dumps(report)) == report  # JSON-serialisable as is
+
+
+def test_large_exif_rotated_image_size(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "r.jpg").write_bytes(jpeg_bytes(gradient_rgb(60, 20), exif=exif.tobytes()))
+    manifest, _ = ingest(tmp_path, FolderLayout(), SERIAL)
+    assert (manifest["width"].iat[0], manifest["height"].iat[0]) == (20, 60)

@@ -1,0 +1,130 @@
+"""Presize into shards: sizes, pixels, orientation, determinism, random access."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from cassava_pipeline.vision.ingest import IngestOptions, ingest
+from cassava_pipeline.vision.layouts import CsvLayout, FolderLayout
+from cassava_pipeline.vision.presize import (
+    PresizeError,
+    PresizeJob,
+    PresizeOptions,
+    plan_layout,
+    resize_shorter,
+    target_size,
+    write_shards,
+)
+from cassava_pipeline.vision.shards import ShardedImages
+from cassava_pipeline.vision.split import SplitOptions, split
+from tests.images import gradient_rgb, jpeg_bytes
+
+
+def job(root: Path, size: int, **opts) -> PresizeJob:
+    manifest, report = ingest(root, CsvLayout(), IngestOptions(workers=1))
+    classes = [c["name"] for c in report["classes"]]
+    manifest, _ = split(manifest, classes, SplitOptions())
+    return PresizeJob(str(root), manifest, tuple(classes), PresizeOptions(size=size, **opts))
+
+
+def test_target_size_keeps_aspect():
+    assert target_size(800, 600, 460) == (613, 460)
+    assert target_size(400, 533, 460) == (460, 613)
+    assert target_size(50, 50, 20) == (20, 20)
+
+
+def test_resize_matches_pil_bilinear():
+    src = gradient_rgb(80, 60, seed=5)
+    ours = resize_shorter(src, 40, 30)
+    pil = np.asarray(Image.fromarray(src).resize((40, 30), Image.BILINEAR))
+    assert ours.shape == (30, 40, 3)
+    assert np.abs(ours.astype(int) - pil).max() <= 1
+
+
+def test_shards_hold_the_resized_pixels(kaggle_dir: Path, tmp_path: Path):
+    j = job(kaggle_dir, 20, workers=1)
+    index = write_shards(j, tmp_path / "out")
+    ds = ShardedImages(tmp_path / "out")
+    assert len(ds) == 18 and ds.size == 20 and ds.classes == ["alpha", "beta", "gamma"]
+    img, label = ds[3]
+    assert img.shape == (20, 27, 3) and img.dtype == np.uint8  # 40x30 -> 27x20
+    row = index.iloc[3]
+    assert label == row["label"]
+    raw = np.asarray(Image.open(kaggle_dir / row["path"]).convert("RGB"))
+    expect = TF.resize(torch.from_numpy(raw).permute(2, 0, 1), [20, 27], antialias=True)
+    assert np.array_equal(img, expect.permute(1, 2, 0).numpy())
+    assert ds[-1][0].shape == (20, 27, 3)
+    with pytest.raises(IndexError):
+        ds[18]
+
+
+def test_parallel_output_is_byte_identical(kaggle_dir: Path, tmp_path: Path):
+    write_shards(job(kaggle_dir, 24, workers=1), tmp_path / "a")
+    write_shards(job(kaggle_dir, 24, workers=2, chunk_size=2), tmp_path / "b")
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_several_shards_and_split_views(kaggle_dir: Path, tmp_path: Path):
+    j = job(kaggle_dir, 20)
+    layout = plan_layout(j.manifest, PresizeOptions(size=20, shard_mb=0))
+    assert layout["shard"].tolist() == list(range(18))  # a limit below one image: one per shard
+    index = write_shards(PresizeJob(j.root, j.manifest, j.classes,
+                                    PresizeOptions(size=20, shard_mb=0)), tmp_path / "s")
+    assert len(list((tmp_path / "s").glob("shard-*.bin"))) == 18
+    ds = ShardedImages(tmp_path / "s")
+    train, valid = ds.split()
+    assert len(train) + len(valid) == 18 and len(valid) == int(index["is_valid"].sum())
+    assert valid.index["is_valid"].all() and not train.index["is_valid"].any()
+    # Views are picklable (DataLoader workers) and read the same pixels.
+    clone = pickle.loads(pickle.dumps(valid))
+    assert np.array_equal(clone[0][0], valid[0][0])
+
+
+def test_exif_and_odd_modes_are_presized_upright(tmp_path: Path):
+    root = tmp_path / "x"
+    (root / "a").mkdir(parents=True)
+    src = np.zeros((20, 40, 3), dtype=np.uint8)
+    src[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "a" / "rot.jpg").write_bytes(jpeg_bytes(src, exif=exif.tobytes()))
+    Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(root / "a" / "white16.png")
+    manifest, report = ingest(root, FolderLayout(), IngestOptions(workers=1))
+    manifest, _ = split(manifest, ["a"], SplitOptions(valid_pct=0.0))
+    write_shards(PresizeJob(str(root), manifest, ("a",), PresizeOptions(size=10)), tmp_path / "o")
+    ds = ShardedImages(tmp_path / "o")
+    paths = ds.index["path"].tolist()
+    rot = ds[paths.index("a/rot.jpg")][0]
+    assert rot.shape == (20, 10, 3) and rot[:8].mean() > 200 and rot[12:].mean() < 50
+    assert ds[paths.index("a/white16.png")][0].min() == 255  # 16-bit white stays white
+
+
+def test_file_changed_after_ingest_is_an_error(kaggle_dir: Path, tmp_path: Path):
+    j = job(kaggle_dir, 20)
+    path = kaggle_dir / j.manifest["path"].iat[0]
+    path.write_bytes(jpeg_bytes(gradient_rgb(30, 40)))  # now portrait
+    (kaggle_dir / j.manifest["path"].iat[1]).unlink()
+    with pytest.raises(PresizeError, match="rerun the pipeline from ingest") as e:
+        write_shards(j, tmp_path / "o")
+    assert "the file changed" in str(e.value) and "missing file" in str(e.value)
+
+
+def test_reader_refuses_a_folder_without_shards(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="presize"):
+        ShardedImages(tmp_path)
+
+
+def test_empty_manifest_gives_empty_set(tmp_path: Path):
+    empty = pd.DataFrame(columns=["path", "label", "label_name", "is_valid", "width", "height",
+                                  "hash"]).astype({"width": int, "height": int, "label": int})
+    write_shards(PresizeJob(str(tmp_path), empty, (), PresizeOptions(size=8)), tmp_path / "o")
+    assert len(ShardedImages(tmp_path / "o")) == 0

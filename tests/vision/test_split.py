@@ -1,0 +1,85 @@
+"""Split: stratified, seeded, duplicates together, the layout's own split, class checks."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from cassava_pipeline.vision.split import SplitError, SplitOptions, split
+
+
+def manifest(labels: list[int], hashes: list[str] | None = None, is_valid=None) -> pd.DataFrame:
+    n = len(labels)
+    return pd.DataFrame(
+        {
+            "path": [f"img/{i}.jpg" for i in range(n)],
+            "label": labels,
+            "label_name": [f"c{lab}" for lab in labels],
+            "is_valid": pd.array(is_valid if is_valid is not None else [None] * n, dtype="boolean"),
+            "width": 10,
+            "height": 10,
+            "hash": hashes or [f"h{i}" for i in range(n)],
+        }
+    )
+
+
+CLASSES = ["c0", "c1", "c2"]
+
+
+def test_stratified_counts_per_class():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    df, report = split(manifest(labels), CLASSES, SplitOptions(valid_pct=0.2, seed=1))
+    assert [(c["train"], c["valid"]) for c in report["classes"]] == [(40, 10), (24, 6), (16, 4)]
+    assert report["n_valid"] == 20 and report["method"] == "stratified_random"
+    assert df["is_valid"].dtype == bool
+
+
+def test_seed_reproducible_and_seed_dependent():
+    m = manifest([0] * 50 + [1] * 50)
+    a, _ = split(m, CLASSES[:2], SplitOptions(seed=3))
+    b, _ = split(m, CLASSES[:2], SplitOptions(seed=3))
+    c, _ = split(m, CLASSES[:2], SplitOptions(seed=4))
+    assert a["is_valid"].tolist() == b["is_valid"].tolist() != c["is_valid"].tolist()
+
+
+def test_duplicates_land_on_the_same_side():
+    labels = [0] * 40 + [1] * 40
+    hashes = [f"h{i // 4}" for i in range(80)]  # groups of 4 byte-identical files
+    for seed in range(5):
+        df, report = split(manifest(labels, hashes), CLASSES[:2], SplitOptions(seed=seed))
+        sides = df.groupby("hash")["is_valid"].nunique()
+        assert (sides == 1).all()
+        assert report["duplicate_groups"] == 20
+        assert report["n_valid"] == 16  # 20% of 80, in whole groups
+
+
+def test_layout_split_is_kept_and_duplicates_moved_to_train():
+    labels = [0, 0, 1, 1, 0, 1]
+    hashes = ["a", "b", "c", "d", "a", "e"]  # 'a' is on both sides
+    is_valid = [False, False, False, False, True, True]
+    df, report = split(manifest(labels, hashes, is_valid), CLASSES[:2], SplitOptions())
+    assert report["method"] == "layout"
+    assert df["is_valid"].tolist() == [False, False, False, False, False, True]
+    assert report["duplicates_moved_to_train"] == 1
+
+
+def test_class_without_training_image_is_an_error_naming_it():
+    labels = [0, 0, 0, 1]
+    is_valid = [False, False, True, True]
+    with pytest.raises(SplitError, match=r"\['c1'\]"):
+        split(manifest(labels, None, is_valid), CLASSES[:2], SplitOptions())
+
+
+def test_single_image_class_stays_in_training():
+    df, report = split(manifest([0] * 10 + [1]), CLASSES[:2], SplitOptions(valid_pct=0.5))
+    assert report["classes"][1] == {"index": 1, "name": "c1", "train": 1, "valid": 0}
+
+
+def test_conflicting_labels_on_identical_files_are_reported():
+    _, report = split(manifest([0, 1, 0, 1], ["x", "x", "y", "z"]), CLASSES[:2], SplitOptions())
+    assert report["duplicates_with_conflicting_labels"] == [["img/0.jpg", "img/1.jpg"]]
+
+
+def test_bad_valid_pct():
+    with pytest.raises(SplitError, match="valid_pct"):
+        split(manifest([0, 1]), CLASSES[:2], SplitOptions(valid_pct=1.0))
