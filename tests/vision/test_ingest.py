@@ -94,8 +94,11 @@ def test_csv_is_val_column_and_label_names(tmp_path: Path):
     for i in range(4):
         write_jpeg(root / "imgs" / f"{i}.png", seed=i)
     pd.DataFrame(
-        {"image_id": [f"{i}.png" for i in range(4)], "label": ["cat", "dog", "cat", "dog"],
-         "is_val": [False, False, True, "True"]}
+        {
+            "image_id": [f"{i}.png" for i in range(4)],
+            "label": ["cat", "dog", "cat", "dog"],
+            "is_val": [False, False, True, "True"],
+        }
     ).to_csv(root / "labels.csv", index=False)
     layout = CsvLayout(file="labels.csv", image_dir="imgs", label_map=None)
     manifest, report = ingest(root, layout, SERIAL)

@@ -77,8 +77,10 @@ def test_several_shards_and_split_views(kaggle_dir: Path, tmp_path: Path):
     j = job(kaggle_dir, 20)
     layout = plan_layout(j.manifest, PresizeOptions(size=20, shard_mb=0))
     assert layout["shard"].tolist() == list(range(18))  # a limit below one image: one per shard
-    index = write_shards(PresizeJob(j.root, j.manifest, j.classes,
-                                    PresizeOptions(size=20, shard_mb=0)), tmp_path / "s")
+    index = write_shards(
+        PresizeJob(j.root, j.manifest, j.classes, PresizeOptions(size=20, shard_mb=0)),
+        tmp_path / "s",
+    )
     assert len(list((tmp_path / "s").glob("shard-*.bin"))) == 18
     ds = ShardedImages(tmp_path / "s")
     train, valid = ds.split()
@@ -98,7 +100,7 @@ def test_exif_and_odd_modes_are_presized_upright(tmp_path: Path):
     exif[0x0112] = 6
     (root / "a" / "rot.jpg").write_bytes(jpeg_bytes(src, exif=exif.tobytes()))
     Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(root / "a" / "white16.png")
-    manifest, report = ingest(root, FolderLayout(), IngestOptions(workers=1))
+    manifest, _ = ingest(root, FolderLayout(), IngestOptions(workers=1))
     manifest, _ = split(manifest, ["a"], SplitOptions(valid_pct=0.0))
     write_shards(PresizeJob(str(root), manifest, ("a",), PresizeOptions(size=10)), tmp_path / "o")
     ds = ShardedImages(tmp_path / "o")
@@ -124,7 +126,8 @@ def test_reader_refuses_a_folder_without_shards(tmp_path: Path):
 
 
 def test_empty_manifest_gives_empty_set(tmp_path: Path):
-    empty = pd.DataFrame(columns=["path", "label", "label_name", "is_valid", "width", "height",
-                                  "hash"]).astype({"width": int, "height": int, "label": int})
+    empty = pd.DataFrame(
+        columns=["path", "label", "label_name", "is_valid", "width", "height", "hash"]
+    ).astype({"width": int, "height": int, "label": int})
     write_shards(PresizeJob(str(tmp_path), empty, (), PresizeOptions(size=8)), tmp_path / "o")
     assert len(ShardedImages(tmp_path / "o")) == 0

@@ -71,7 +71,7 @@ def test_class_without_training_image_is_an_error_naming_it():
 
 
 def test_single_image_class_stays_in_training():
-    df, report = split(manifest([0] * 10 + [1]), CLASSES[:2], SplitOptions(valid_pct=0.5))
+    _, report = split(manifest([0] * 10 + [1]), CLASSES[:2], SplitOptions(valid_pct=0.5))
     assert report["classes"][1] == {"index": 1, "name": "c1", "train": 1, "valid": 0}
 
 

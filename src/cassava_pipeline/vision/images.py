@@ -33,7 +33,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What ingest records about a usable image: size after EXIF orientation, mode and content hash."""
+    """What ingest records of a usable image: size after EXIF orientation, mode, content hash."""
 
     width: int
     height: int
@@ -119,7 +119,9 @@ def _sixteen_bit_to_uint8(im: Image.Image) -> np.ndarray:
     return (arr.astype(np.uint32) >> 8).astype(np.uint8)
 
 
-def to_rgb_array(im: Image.Image, *, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+def to_rgb_array(
+    im: Image.Image, *, background: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
     """Convert a loaded PIL image of any mode into an HxWx3 uint8 RGB array.
 
     Transparent pixels are composited onto ``background`` rather than showing whatever colour

@@ -71,7 +71,9 @@ def ingest(root: Path, layout: Layout, options: IngestOptions) -> tuple[pd.DataF
     return build_manifest(root, listing, options)
 
 
-def build_manifest(root: Path, listing: Listing, options: IngestOptions) -> tuple[pd.DataFrame, dict]:
+def build_manifest(
+    root: Path, listing: Listing, options: IngestOptions
+) -> tuple[pd.DataFrame, dict]:
     """Verify the listing's candidates and assemble the manifest and the report."""
     cand = listing.candidates
     results = verify_images(root, list(cand["path"]), options)
@@ -115,7 +117,8 @@ def build_manifest(root: Path, listing: Listing, options: IngestOptions) -> tupl
         "excluded_fraction": (len(excluded) / n_total) if n_total else 0.0,
         "excluded_by_reason": dict(Counter(r.reason for r in excluded).most_common()),
         "classes": [
-            {"index": index[c], "name": c, "source_id": ids.get(c), "count": counts[c]} for c in vocab
+            {"index": index[c], "name": c, "source_id": ids.get(c), "count": counts[c]}
+            for c in vocab
         ],
         "empty_classes": empty,
         "has_split": listing.has_split,

@@ -185,7 +185,9 @@ def _list_csv(root: Path, layout: CsvLayout) -> Listing:
         key = _label_key(label)
         if label_map is not None and key not in label_map:
             rejected.append(
-                Rejected(rel, "unknown label", f"{line}: label {key!r} is not in {layout.label_map}")
+                Rejected(
+                    rel, "unknown label", f"{line}: label {key!r} is not in {layout.label_map}"
+                )
             )
             continue
         if rel in seen:
@@ -281,5 +283,10 @@ def _list_regex(root: Path, layout: RegexLayout) -> Listing:
         rows.append((rel, m.group(1), None))
     classes = tuple(sorted({r[1] for r in rows}))
     return Listing(
-        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS), classes, tuple(rejected), (), False, tuple(ignored)
+        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS),
+        classes,
+        tuple(rejected),
+        (),
+        False,
+        tuple(ignored),
     )

@@ -79,7 +79,9 @@ def resize_shorter(image: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
         # PIL's arrays are read-only; the resize only reads them, so no copy is needed.
         warnings.simplefilter("ignore", UserWarning)
         chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    out = TF.resize(chw, [out_h, out_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    out = TF.resize(
+        chw, [out_h, out_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
+    )
     return out.permute(1, 2, 0).contiguous().numpy()
 
 
@@ -186,9 +188,7 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
         "layout": "HWC",
         "classes": list(job.classes),
         "n_images": len(index),
-        "shards": [
-            {"file": shard_name(int(s)), "bytes": int(b)} for s, b in shard_sizes.items()
-        ],
+        "shards": [{"file": shard_name(int(s)), "bytes": int(b)} for s, b in shard_sizes.items()],
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return index

@@ -234,10 +234,15 @@ def _symptoms(leaf, mask, rng, label, severity, lobes, centre) -> Image.Image:
         for _ in range(int(3 + 14 * severity)):
             x, y, *_ = on_leaf_point()
             r = rng.uniform(5, 14)
-            halo = [(x + 1.7 * r * math.cos(t), y + 1.7 * r * math.sin(t)) for t in np.sort(rng.uniform(0, 6.3, 6))]
+            halo = [
+                (x + 1.7 * r * math.cos(t), y + 1.7 * r * math.sin(t))
+                for t in np.sort(rng.uniform(0, 6.3, 6))
+            ]
             od.polygon(halo, fill=(205, 195, 70))
             ad.polygon(halo, fill=150)
-            lesion = [(x + r * math.cos(t), y + r * math.sin(t)) for t in np.sort(rng.uniform(0, 6.3, 5))]
+            lesion = [
+                (x + r * math.cos(t), y + r * math.sin(t)) for t in np.sort(rng.uniform(0, 6.3, 5))
+            ]
             od.polygon(lesion, fill=(96, 62, 30))
             ad.polygon(lesion, fill=245)
         for _ in range(int(2 * severity * len(lobes) / 3)):  # blighted tips
@@ -263,12 +268,18 @@ def _symptoms(leaf, mask, rng, label, severity, lobes, centre) -> Image.Image:
             if rng.random() < severity:  # brown streak along the midrib
                 s, e = rng.uniform(0.1, 0.5), rng.uniform(0.6, 0.95)
                 od.line(
-                    [(cx + s * length * ca, cy + s * length * sa), (cx + e * length * ca, cy + e * length * sa)],
+                    [
+                        (cx + s * length * ca, cy + s * length * sa),
+                        (cx + e * length * ca, cy + e * length * sa),
+                    ],
                     fill=(110, 70, 35),
                     width=3,
                 )
                 ad.line(
-                    [(cx + s * length * ca, cy + s * length * sa), (cx + e * length * ca, cy + e * length * sa)],
+                    [
+                        (cx + s * length * ca, cy + s * length * sa),
+                        (cx + e * length * ca, cy + e * length * sa),
+                    ],
                     fill=220,
                     width=3,
                 )

@@ -34,7 +34,9 @@ class ShardedImages:
             )
         full = pd.read_parquet(self.directory / INDEX_FILE)
         self._full_index = full
-        self._rows = np.arange(len(full)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self._rows = (
+            np.arange(len(full)) if indices is None else np.asarray(indices, dtype=np.int64)
+        )
         self._shard = full["shard"].to_numpy()
         self._offset = full["offset"].to_numpy()
         self._h = full["out_height"].to_numpy()

@@ -26,7 +26,9 @@ class SplitOptions:
     use_layout_split: bool = True  # use is_val / train+valid folders when the layout has them
 
 
-def split(manifest: pd.DataFrame, classes: list[str], options: SplitOptions) -> tuple[pd.DataFrame, dict]:
+def split(
+    manifest: pd.DataFrame, classes: list[str], options: SplitOptions
+) -> tuple[pd.DataFrame, dict]:
     """Return the manifest with a boolean ``is_valid`` column filled in, and a split report."""
     if not 0.0 <= options.valid_pct < 1.0:
         raise SplitError(f"split.valid_pct must be in [0, 1), got {options.valid_pct}")

@@ -17,7 +17,9 @@ from cassava_pipeline.vision.layouts import CsvLayout
 
 
 def test_node_outputs_kaggle_tables():
-    table, label_map, images = generate_sample({"n_images": 10, "width": 80, "height": 60, "seed": 1})
+    table, label_map, images = generate_sample(
+        {"n_images": 10, "width": 80, "height": 60, "seed": 1}
+    )
     assert len(table) == 10 and set(images) == {i[:-4] for i in table["image_id"]}
     assert label_map["4"] == "Healthy"
     first = images[table["image_id"].iat[0][:-4]]()
@@ -28,7 +30,9 @@ def test_pipeline_writes_a_layout_ingest_accepts(tmp_path: Path, base_params):
     root = tmp_path / "cassava_sample"
     catalog = DataCatalog(
         {
-            "sample_train_csv": CSVDataset(filepath=str(root / "train.csv"), save_args={"index": False}),
+            "sample_train_csv": CSVDataset(
+                filepath=str(root / "train.csv"), save_args={"index": False}
+            ),
             "sample_label_map": JSONDataset(filepath=str(root / "label_num_to_disease_map.json")),
             "sample_images": PartitionedDataset(
                 path=str(root / "train_images"),

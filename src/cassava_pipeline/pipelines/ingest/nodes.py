@@ -30,7 +30,9 @@ def ingest_images(raw_images: Path, params: dict[str, Any]) -> tuple[pd.DataFram
     return manifest, report
 
 
-def check_ingest(candidates: pd.DataFrame, data_report: dict, params: dict[str, Any]) -> pd.DataFrame:
+def check_ingest(
+    candidates: pd.DataFrame, data_report: dict, params: dict[str, Any]
+) -> pd.DataFrame:
     """Pass the manifest on, or stop the run when too many files were excluded.
 
     A node of its own so that the data report is already saved when the run stops.

@@ -23,4 +23,6 @@ def presize_images(
         jpeg_draft=bool(params["jpeg_draft"]),
     )
     classes = tuple(c["name"] for c in data_report["classes"])
-    return PresizeJob(root=str(raw_images), manifest=split_manifest, classes=classes, options=options)
+    return PresizeJob(
+        root=str(raw_images), manifest=split_manifest, classes=classes, options=options
+    )

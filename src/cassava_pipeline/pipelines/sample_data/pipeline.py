@@ -1,4 +1,4 @@
-"""sample_data: ``kedro run --pipelines=sample_data`` (``make run`` calls it on an empty raw folder)."""
+"""sample_data: `kedro run --pipelines=sample_data`; `make run` calls it on an empty raw folder."""
 
 from kedro.pipeline import Node, Pipeline
 
