@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+from cassava_pipeline.pipelines import ingest, presize, sample_data
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Register the project's pipelines.
 
-    Each folder of ``pipelines/`` is a pipeline of its own name (``sample_data``, ``ingest``,
-    ``presize``). ``data`` is the data half of the recipe (a DVC stage) and ``cassava`` the
-    whole recipe; ``__default__`` is ``cassava``.
+    Explicit rather than ``find_pipelines()``: Kedro 1.7 loads only the pipelines named on the
+    command line, and ``cassava`` and ``data`` are compositions of several folders.
+    ``data`` is the data half of the recipe (a DVC stage); ``cassava`` the whole recipe and the
+    default; ``sample_data`` draws the embedded synthetic sample.
     """
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["data"] = pipelines["ingest"] + pipelines["presize"]
-    pipelines["cassava"] = pipelines["data"]
-    pipelines["__default__"] = pipelines["cassava"]
-    return pipelines
+    data = ingest.create_pipeline() + presize.create_pipeline()
+    return {
+        "sample_data": sample_data.create_pipeline(),
+        "ingest": ingest.create_pipeline(),
+        "presize": presize.create_pipeline(),
+        "data": data,
+        "cassava": data,
+        "__default__": data,
+    }
