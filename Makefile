@@ -22,8 +22,13 @@ $(VENV)/.installed-dev: requirements-dev.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@ $(VENV)/.installed
 
+# conf/local is git-ignored (secrets, machine settings); a fresh clone gets an empty credentials file.
+conf/local/credentials.yml:
+	mkdir -p conf/local
+	printf '%s\n' '# Machine-specific secrets (git-ignored); see README.' > $@
+
 # The embedded sample is generated (deterministically) only when its raw folder is empty.
-sample: $(VENV)/.installed
+sample: $(VENV)/.installed conf/local/credentials.yml
 	@if [ -z "$$(ls -A $(RAW_SAMPLE) 2>/dev/null | grep -v '^.gitkeep$$')" ]; then \
 		$(BIN)/kedro run --pipelines=sample_data; \
 	fi
@@ -31,7 +36,7 @@ sample: $(VENV)/.installed
 run: sample
 	$(BIN)/kedro run --pipeline=cassava
 
-test: $(VENV)/.installed-dev lint
+test: $(VENV)/.installed-dev conf/local/credentials.yml lint
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

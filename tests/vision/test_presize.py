@@ -18,7 +18,7 @@ from cassava_pipeline.vision.presize import (
     PresizeError,
     PresizeJob,
     PresizeOptions,
-    plan_layout,
+    plan_sizes,
     resize_shorter,
     target_size,
     write_shards,
@@ -75,12 +75,12 @@ def test_parallel_output_is_byte_identical(kaggle_dir: Path, tmp_path: Path):
 
 def test_several_shards_and_split_views(kaggle_dir: Path, tmp_path: Path):
     j = job(kaggle_dir, 20)
-    layout = plan_layout(j.manifest, PresizeOptions(size=20, shard_mb=0))
-    assert layout["shard"].tolist() == list(range(18))  # a limit below one image: one per shard
+    assert plan_sizes(j.manifest, 20)["nbytes"].tolist() == [20 * 27 * 3] * 18
     index = write_shards(
         PresizeJob(j.root, j.manifest, j.classes, PresizeOptions(size=20, shard_mb=0)),
         tmp_path / "s",
     )
+    assert index["shard"].tolist() == list(range(18))  # a limit below one image: one per shard
     assert len(list((tmp_path / "s").glob("shard-*.bin"))) == 18
     ds = ShardedImages(tmp_path / "s")
     train, valid = ds.split()
@@ -131,3 +131,29 @@ def test_empty_manifest_gives_empty_set(tmp_path: Path):
     ).astype({"width": int, "height": int, "label": int})
     write_shards(PresizeJob(str(tmp_path), empty, (), PresizeOptions(size=8)), tmp_path / "o")
     assert len(ShardedImages(tmp_path / "o")) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jpeg_encoding_is_small_close_and_deterministic(kaggle_dir: Path, tmp_path: Path, workers):
+    raw = write_shards(job(kaggle_dir, 24, workers=1), tmp_path / "raw")
+    jp = write_shards(
+        job(kaggle_dir, 24, workers=workers, chunk_size=2, encoding="jpeg", shard_mb=0),
+        tmp_path / "jpeg",
+    )
+    assert (jp["nbytes"] < raw["nbytes"]).all()
+    assert jp["shard"].tolist() == list(range(18))
+    a, b = ShardedImages(tmp_path / "raw"), ShardedImages(tmp_path / "jpeg")
+    for i in (0, 7, 17):
+        assert a[i][0].shape == b[i][0].shape and a[i][1] == b[i][1]
+        assert np.abs(a[i][0].astype(int) - b[i][0]).mean() < 3  # quality 95
+    again = write_shards(
+        job(kaggle_dir, 24, workers=1, encoding="jpeg", shard_mb=0), tmp_path / "again"
+    )
+    assert again.equals(jp)
+    for f in (tmp_path / "jpeg").glob("shard-*.bin"):
+        assert f.read_bytes() == (tmp_path / "again" / f.name).read_bytes()
+
+
+def test_unknown_encoding(kaggle_dir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="encoding"):
+        write_shards(job(kaggle_dir, 20, encoding="png"), tmp_path / "o")

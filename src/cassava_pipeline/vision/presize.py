@@ -1,34 +1,41 @@
 """Presize: decode each image once, orient it, convert it to RGB and resize its shorter side.
 
 fastai presizes with ``Resize(460)`` as an item transform so that the batch augmentations have
-room to crop and rotate; here the result is computed once and stored, so the training stages
-never decode a JPEG. The output is a few large *shard* files of raw uint8 HxWx3 pixels plus an
-index; :class:`~cassava_pipeline.vision.shards.ShardedImages` reads any image by random access.
+room to crop and rotate; here the result is computed once and stored. The output is a few large
+*shard* files plus an index; :class:`~cassava_pipeline.vision.shards.ShardedImages` reads any
+image by random access. Two encodings:
 
-Every output size is known from the manifest before decoding, so each image's byte offset is
-fixed up front: the worker processes write straight into preallocated shard files
-(``os.pwrite``), nothing but file names crosses process boundaries, memory stays flat whatever
-the data set's size, and the output is byte-identical whatever the number of workers.
+- ``raw``: uint8 HxWx3 pixels. Training never decodes an image. Every output size is known from
+  the manifest before decoding, so each image's byte offset is fixed up front and the worker
+  processes write straight into preallocated shards (``os.pwrite``): nothing but file names
+  crosses process boundaries. About 6x the size of Kaggle's JPEGs at 460.
+- ``jpeg``: re-encoded at ``jpeg_quality`` (95: ~11x smaller than raw); workers return the
+  bytes, the parent appends them in order. Training decodes each item (about 1 ms at 460).
+
+Either way memory stays flat whatever the data set's size (a bounded number of chunks in
+flight), and the output is byte-identical whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, read_bytes
 from .parallel import chunked, ordered_map, resolve_workers
 
 SHARD_FORMAT = "cassava-pipeline/shards-v1"
+ENCODINGS = ("raw", "jpeg")
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 
@@ -47,6 +54,8 @@ class PresizeOptions:
     chunk_size: int = 32  # images per task sent to a worker
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # same bomb limit as ingest
     jpeg_draft: bool = True  # decode JPEGs >= 2x the target at 1/2, 1/4 or 1/8 scale (DCT scaling)
+    encoding: str = "raw"  # raw: uint8 pixels, no decoding when training; jpeg: ~10x smaller
+    jpeg_quality: int = 95  # for encoding: jpeg
 
 
 @dataclass(frozen=True)
@@ -85,28 +94,29 @@ def resize_shorter(image: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
     return out.permute(1, 2, 0).contiguous().numpy()
 
 
-def plan_layout(manifest: pd.DataFrame, options: PresizeOptions) -> pd.DataFrame:
-    """Add out_width, out_height, shard and offset columns: where each image will be stored."""
+def plan_sizes(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
+    """The manifest plus out_width, out_height and (raw) nbytes of each presized image."""
     sizes = [
-        target_size(w, h, options.size)
-        for w, h in zip(manifest["width"], manifest["height"], strict=True)
+        target_size(w, h, size) for w, h in zip(manifest["width"], manifest["height"], strict=True)
     ]
     out = manifest.reset_index(drop=True).copy()
     out["out_width"] = np.array([s[0] for s in sizes], dtype=np.int64)
     out["out_height"] = np.array([s[1] for s in sizes], dtype=np.int64)
-    nbytes = (out["out_width"] * out["out_height"] * 3).to_numpy()
-    limit = options.shard_mb * 2**20
-    shard = np.zeros(len(out), dtype=np.int64)
-    offset = np.zeros(len(out), dtype=np.int64)
+    out["nbytes"] = out["out_width"] * out["out_height"] * 3
+    return out
+
+
+def _assign_shards(nbytes: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, offset) of consecutive items; a new shard starts where one would pass ``limit``."""
+    shard = np.zeros(len(nbytes), dtype=np.int64)
+    offset = np.zeros(len(nbytes), dtype=np.int64)
     cur_shard, cur_off = 0, 0
     for i, n in enumerate(nbytes):
         if cur_off and cur_off + n > limit:
             cur_shard, cur_off = cur_shard + 1, 0
         shard[i], offset[i] = cur_shard, cur_off
         cur_off += int(n)
-    out["shard"] = shard
-    out["offset"] = offset
-    return out
+    return shard, offset
 
 
 def shard_name(i: int) -> str:
@@ -114,26 +124,35 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.bin"
 
 
-def _write_chunk(args: tuple[str, str, Sequence[tuple], int, int, bool]) -> list[tuple[str, str]]:
-    root, out_dir, rows, size, max_pixels, draft = args
+def _presize_one(root: str, row: tuple, size: int, max_pixels: int, draft: bool) -> np.ndarray:
+    rel, out_w, out_h, src_w, src_h = row
+    data = read_bytes(os.path.join(root, rel))
+    img = decode_rgb(data, max_pixels=max_pixels, min_side=size if draft else None)
+    h, w = img.shape[:2]
+    # Same orientation and aspect as at ingest (DCT scaling may shrink it exactly 2^k x).
+    if abs(h * src_w - w * src_h) > 8 * max(src_w, src_h) or (h > w) != (src_h > src_w):
+        raise ImageError("the file changed", f"it is {w}x{h} now but was {src_w}x{src_h} at ingest")
+    return resize_shorter(img, out_w, out_h)
+
+
+def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _raw_chunk(args: tuple) -> list[tuple[str, str]]:
+    """Presize a chunk straight into the preallocated raw shards; return the errors."""
+    root, out_dir, rows, places, size, max_pixels, draft = args
     errors: list[tuple[str, str]] = []
     fds: dict[int, int] = {}
     try:
-        for rel, shard, offset, out_w, out_h, src_w, src_h in rows:
+        for row, (shard, offset) in zip(rows, places, strict=True):
             try:
-                data = read_bytes(os.path.join(root, rel))
-                img = decode_rgb(data, max_pixels=max_pixels, min_side=size if draft else None)
+                out = _presize_one(root, row, size, max_pixels, draft)
             except ImageError as e:
-                errors.append((rel, f"{e.reason}: {e.detail}"))
+                errors.append((row[0], str(e)))
                 continue
-            h, w = img.shape[:2]
-            # Same orientation and aspect as at ingest (DCT scaling may shrink it exactly 2^k x).
-            if abs(h * src_w - w * src_h) > 8 * max(src_w, src_h) or (h > w) != (src_h > src_w):
-                errors.append(
-                    (rel, f"is {w}x{h} now but was {src_w}x{src_h} at ingest: the file changed")
-                )
-                continue
-            out = resize_shorter(img, out_w, out_h)
             if shard not in fds:
                 fds[shard] = os.open(os.path.join(out_dir, shard_name(shard)), os.O_WRONLY)
             os.pwrite(fds[shard], memoryview(out).cast("B"), offset)
@@ -143,22 +162,89 @@ def _write_chunk(args: tuple[str, str, Sequence[tuple], int, int, bool]) -> list
     return errors
 
 
+def _jpeg_chunk(args: tuple) -> list[bytes | tuple[str, str]]:
+    """Presize and encode a chunk; JPEG sizes are unknown in advance, so the parent writes."""
+    root, rows, size, max_pixels, draft, quality = args
+    out: list[bytes | tuple[str, str]] = []
+    for row in rows:
+        try:
+            out.append(_encode_jpeg(_presize_one(root, row, size, max_pixels, draft), quality))
+        except ImageError as e:
+            out.append((row[0], str(e)))
+    return out
+
+
+def _raise_errors(errors: list[tuple[str, str]]) -> None:
+    if errors:
+        shown = "; ".join(f"{p}: {r}" for p, r in errors[:10])
+        raise PresizeError(
+            f"{len(errors)} image(s) could not be presized although ingest accepted them: "
+            f"{shown}. The raw data changed after ingest; rerun the pipeline from ingest."
+        )
+
+
+def _write_raw(job: PresizeJob, index: pd.DataFrame, rows: list, out_dir: Path, workers: int):
+    opts = job.options
+    layout = _assign_shards(index["nbytes"].to_numpy(), opts.shard_mb * 2**20)
+    index["shard"], index["offset"] = layout
+    shard_sizes = (index["offset"] + index["nbytes"]).groupby(index["shard"]).max()
+    for shard, total in shard_sizes.items():
+        with open(out_dir / shard_name(int(shard)), "wb") as f:
+            f.truncate(int(total))  # preallocate: workers write at fixed offsets
+    places = list(zip(index["shard"].tolist(), index["offset"].tolist(), strict=True))
+    tasks = [
+        (job.root, str(out_dir), r, p, opts.size, opts.max_image_pixels, opts.jpeg_draft)
+        for r, p in zip(
+            chunked(rows, opts.chunk_size), chunked(places, opts.chunk_size), strict=True
+        )
+    ]
+    errors = [e for errs in ordered_map(_raw_chunk, tasks, workers=workers) for e in errs]
+    _raise_errors(errors)
+
+
+def _write_jpeg(job: PresizeJob, index: pd.DataFrame, rows: list, out_dir: Path, workers: int):
+    opts = job.options
+    limit = opts.shard_mb * 2**20
+    tasks = [
+        (job.root, c, opts.size, opts.max_image_pixels, opts.jpeg_draft, opts.jpeg_quality)
+        for c in chunked(rows, opts.chunk_size)
+    ]
+    shard, offset, nbytes, errors = [], [], [], []
+    cur_shard, cur_off, f = 0, 0, None
+    try:
+        for results in ordered_map(_jpeg_chunk, tasks, workers=workers):
+            for res in results:
+                if isinstance(res, tuple):
+                    errors.append(res)
+                data = res if isinstance(res, bytes) else b""
+                if f is None or (cur_off and cur_off + len(data) > limit):
+                    if f is not None:
+                        f.close()
+                        cur_shard, cur_off = cur_shard + 1, 0
+                    f = open(out_dir / shard_name(cur_shard), "wb")  # noqa: SIM115
+                f.write(data)
+                shard.append(cur_shard)
+                offset.append(cur_off)
+                nbytes.append(len(data))
+                cur_off += len(data)
+    finally:
+        if f is not None:
+            f.close()
+    _raise_errors(errors)
+    index["shard"], index["offset"], index["nbytes"] = shard, offset, nbytes
+
+
 def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
     """Presize every image of ``job`` into shard files under ``out_dir`` (which must be empty)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = job.options
-    index = plan_layout(job.manifest, opts)
-    nbytes = index["out_width"] * index["out_height"] * 3
-    shard_sizes = (index["offset"] + nbytes).groupby(index["shard"]).max()
-    for shard, total in shard_sizes.items():
-        with open(out_dir / shard_name(int(shard)), "wb") as f:
-            f.truncate(int(total))  # preallocate: workers write at fixed offsets
+    if opts.encoding not in ENCODINGS:
+        raise ValueError(f"presize.encoding is {opts.encoding!r}; use one of {ENCODINGS}")
+    index = plan_sizes(job.manifest, opts.size)
     rows = list(
         zip(
             index["path"],
-            index["shard"].tolist(),
-            index["offset"].tolist(),
             index["out_width"].tolist(),
             index["out_height"].tolist(),
             index["width"].tolist(),
@@ -168,27 +254,24 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
     )
     workers = resolve_workers(opts.workers)
     if len(rows) < 2 * opts.chunk_size:
-        workers = 1
-    tasks = [
-        (job.root, str(out_dir), c, opts.size, opts.max_image_pixels, opts.jpeg_draft)
-        for c in chunked(rows, opts.chunk_size)
-    ]
-    errors = [e for errs in ordered_map(_write_chunk, tasks, workers=workers) for e in errs]
-    if errors:
-        shown = "; ".join(f"{p}: {r}" for p, r in errors[:10])
-        raise PresizeError(
-            f"{len(errors)} image(s) could not be presized although ingest accepted them: "
-            f"{shown}. The raw data changed after ingest; rerun the pipeline from ingest."
-        )
+        workers = 1  # a pool costs more than it saves on a handful of images
+    if opts.encoding == "raw":
+        _write_raw(job, index, rows, out_dir, workers)
+    else:
+        _write_jpeg(job, index, rows, out_dir, workers)
+    for col in ("shard", "offset", "nbytes"):
+        index[col] = index[col].astype(np.int64)
     index.to_parquet(out_dir / INDEX_FILE, index=False)
+    shard_bytes = (index["offset"] + index["nbytes"]).groupby(index["shard"]).max()
     meta = {
         "format": SHARD_FORMAT,
+        "encoding": opts.encoding,
         "size": opts.size,
         "dtype": "uint8",
         "layout": "HWC",
         "classes": list(job.classes),
         "n_images": len(index),
-        "shards": [{"file": shard_name(int(s)), "bytes": int(b)} for s, b in shard_sizes.items()],
+        "shards": [{"file": shard_name(int(s)), "bytes": int(b)} for s, b in shard_bytes.items()],
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return index

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT
 
@@ -15,7 +17,8 @@ class ShardedImages:
     """A map-style dataset over a shard directory: ``ds[i]`` is (HxWx3 uint8 array, label).
 
     Shards are memory-mapped lazily in each process (DataLoader workers included), so opening
-    is cheap, items are zero-copy views and the page cache is shared between workers.
+    is cheap and the page cache is shared between workers. Raw items are zero-copy read-only
+    views; JPEG items are decoded with PIL (torchvision's decode_jpeg is deprecated in 0.29).
     """
 
     def __init__(self, directory: str | Path, indices: np.ndarray | None = None):
@@ -39,6 +42,8 @@ class ShardedImages:
         )
         self._shard = full["shard"].to_numpy()
         self._offset = full["offset"].to_numpy()
+        self._nbytes = full["nbytes"].to_numpy()
+        self._jpeg = self.meta.get("encoding", "raw") == "jpeg"
         self._h = full["out_height"].to_numpy()
         self._w = full["out_width"].to_numpy()
         self._label = full["label"].to_numpy()
@@ -90,8 +95,12 @@ class ShardedImages:
     def image(self, i: int) -> np.ndarray:
         """The i-th image of this view as a read-only HxWx3 uint8 array."""
         r = self._rows[i]
-        h, w, off = int(self._h[r]), int(self._w[r]), int(self._offset[r])
-        return self._map(int(self._shard[r]))[off : off + h * w * 3].reshape(h, w, 3)
+        off, n = int(self._offset[r]), int(self._nbytes[r])
+        data = self._map(int(self._shard[r]))[off : off + n]
+        if self._jpeg:
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                return np.asarray(im.convert("RGB"))
+        return data.reshape(int(self._h[r]), int(self._w[r]), 3)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         if not -len(self) <= i < len(self):

@@ -21,6 +21,8 @@ def presize_images(
         chunk_size=int(params["chunk_size"]),
         max_image_pixels=int(params["max_image_pixels"]),
         jpeg_draft=bool(params["jpeg_draft"]),
+        encoding=str(params["encoding"]),
+        jpeg_quality=int(params["jpeg_quality"]),
     )
     classes = tuple(c["name"] for c in data_report["classes"])
     return PresizeJob(
