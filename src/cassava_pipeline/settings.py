@@ -6,4 +6,6 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # An environment (conf/kaggle) overrides parameters key by key instead of whole sections.
+    "merge_strategy": {"parameters": "soft"},
 }
