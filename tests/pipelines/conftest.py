@@ -9,8 +9,9 @@ import pytest
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro_datasets.json import JSONDataset
+from kedro_datasets.pandas import CSVDataset
 
-from cassava_pipeline.datasets import ImageShardsDataset
+from cassava_pipeline.datasets import CheckpointDataset, ImageShardsDataset, WorkDirDataset
 from tests.images import REPO
 
 
@@ -31,14 +32,22 @@ def params(base_params) -> dict:
 
 
 def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
-    """An in-memory catalog: raw folder and parameters in, shards written under ``out``."""
+    """An in-memory catalog: raw folder and parameters in; shards, checkpoints under ``out``."""
     datasets = {
         "raw_images": MemoryDataset(raw, copy_mode="assign"),
         # On disk, as in the project's catalog: the report must survive a stopped run.
         "data_report": JSONDataset(filepath=str(out / "data_report.json")),
+        "initial_checkpoint": CheckpointDataset(path=str(out / "initial.pt")),
+        "lr_find_result": JSONDataset(filepath=str(out / "lr_find.json")),
     }
     for ns in ("small", "large"):
         datasets[f"{ns}.presized_images"] = ImageShardsDataset(path=str(out / ns))
+    for stage in ("frozen", "unfrozen", "mixup"):
+        datasets[f"{stage}.checkpoint"] = CheckpointDataset(path=str(out / f"{stage}.pt"))
+        datasets[f"{stage}.resume_dir"] = WorkDirDataset(path=str(out / "resume" / stage))
+        datasets[f"{stage}.history"] = CSVDataset(
+            filepath=str(out / f"history_{stage}.csv"), save_args={"index": False}
+        )
     catalog = DataCatalog(datasets)
 
     def add(prefix: str, value) -> None:
@@ -50,3 +59,18 @@ def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
     for key, value in params.items():
         add(f"params:{key}", value)
     return catalog
+
+
+def shrink_training(params: dict, *, arch: str = "tf_efficientnet_lite0") -> dict:
+    """The demo recipe at test size: tiny images, one epoch per stage, no progress bars."""
+    params["model"]["arch"] = arch
+    params["model"]["weights"] = "packaged" if arch == "tf_efficientnet_lite0" else "none"
+    params["small"]["presize"]["size"] = 36
+    params["large"]["presize"]["size"] = 40
+    params["runtime"].update(accelerator="cpu", progress=False)
+    params["lr_find"]["num_it"] = 12
+    for stage in ("frozen", "unfrozen", "mixup"):
+        p = params[stage]["train"]
+        p.update(epochs=1, size=32)
+        p["loader"].update(batch_size=4, num_workers=0)
+    return params

@@ -1,6 +1,7 @@
-"""Kedro datasets for raw image folders and presized image shards."""
+"""Kedro datasets: raw image folders, presized image shards, checkpoints, working folders."""
 
+from .checkpoint import CheckpointDataset, WorkDirDataset
 from .image_root import ImageRootDataset
 from .shards import ImageShardsDataset
 
-__all__ = ["ImageRootDataset", "ImageShardsDataset"]
+__all__ = ["CheckpointDataset", "ImageRootDataset", "ImageShardsDataset", "WorkDirDataset"]

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from cassava_pipeline.vision.sample import SampleOptions, iter_images, label_map, sample_table
+from cassava_pipeline.vision.sample import SampleOptions, label_map, lazy_images, sample_table
 
 
 def generate_sample(
@@ -17,8 +17,9 @@ def generate_sample(
     """Kaggle's train.csv, label map and lazily drawn train_images/ for the synthetic sample."""
     fractions = params.get("class_fractions")
     options = SampleOptions(
-        **{k: v for k, v in params.items() if k != "class_fractions"},
+        **{k: v for k, v in params.items() if k not in ("class_fractions", "workers")},
         **({"class_fractions": tuple(fractions)} if fractions else {}),
     )
     table = sample_table(options)
-    return table, label_map(len(options.class_fractions)), dict(iter_images(table, options))
+    images = lazy_images(table, options, workers=int(params.get("workers", 0)))
+    return table, label_map(len(options.class_fractions)), images

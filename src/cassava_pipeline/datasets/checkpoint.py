@@ -1,0 +1,64 @@
+"""Checkpoints (dicts of tensors and plain values) and working folders for resumable stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from kedro.io import AbstractDataset
+
+
+class CheckpointDataset(AbstractDataset[dict, dict]):
+    """A ``torch.save``d dict, written atomically and loaded with ``weights_only=True``.
+
+    Loading never unpickles arbitrary objects: a file holding one is refused by torch.
+    """
+
+    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> dict:
+        return torch.load(self._path, map_location="cpu", weights_only=True)
+
+    def save(self, data: dict) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class WorkDirDataset(AbstractDataset[None, Path]):
+    """Loads as a folder (created if needed) where a node keeps state between runs.
+
+    The training stages keep their per-epoch resume checkpoints there, so a stage killed
+    mid-way resumes on the next ``kedro run``.
+    """
+
+    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        self._path.mkdir(parents=True, exist_ok=True)
+        return self._path.resolve()
+
+    def save(self, data: None) -> None:  # pragma: no cover - never an output
+        raise NotImplementedError("WorkDirDataset is an input only")
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -1,0 +1,136 @@
+"""Nodes of the training pipeline: parameters in, frozen dataclasses out, ``vision`` works."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cassava_pipeline import __version__
+from cassava_pipeline.vision.augment import AugmentOptions
+from cassava_pipeline.vision.data import LoaderOptions
+from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
+from cassava_pipeline.vision.models import create_model
+from cassava_pipeline.vision.run import lr_find_in_fabric, train_in_fabric
+from cassava_pipeline.vision.schedule import LrFindOptions, OneCycle
+from cassava_pipeline.vision.shards import ShardedImages
+
+logger = logging.getLogger(__name__)
+
+RECIPE_VERSION = f"cassava-pipeline {__version__}"
+
+
+def _stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) -> StageConfig:
+    aug = AugmentOptions(**{k: v for k, v in p["augment"].items()}, size=int(p["size"]))
+    return StageConfig(
+        name=name,
+        epochs=int(p["epochs"]),
+        lr=lr,
+        freeze=bool(p["freeze"]),
+        augment=aug,
+        cycle=OneCycle(
+            div=float(p["one_cycle"]["div"]),
+            div_final=float(p["one_cycle"]["div_final"]),
+            pct_start=float(p["one_cycle"]["pct_start"]),
+            moms=tuple(float(m) for m in p["one_cycle"]["moms"]),
+        ),
+        loader=LoaderOptions(**p["loader"]),
+        wd=float(p["wd"]),
+        mixup=float(p["mixup"]),
+        label_smoothing=float(p["label_smoothing"]),
+        monitor=str(p["monitor"]),
+        grad_accum=int(p["grad_accum"]),
+        channels_last=bool(p["channels_last"]),
+        compile=bool(p["compile"]),
+        seed=int(p["seed"]),
+    )
+
+
+def _runtime(p: dict[str, Any]) -> RuntimeConfig:
+    return RuntimeConfig(**p)
+
+
+def _resolve_lr(lr: Any, lr_find_result: dict) -> float | tuple[float, float]:
+    if lr == "auto":
+        return float(lr_find_result["suggestion"])
+    if isinstance(lr, list | tuple):
+        return (float(lr[0]), float(lr[1]))
+    return float(lr)
+
+
+def init_model(data_report: dict, model_params: dict[str, Any]) -> dict[str, Any]:
+    """Build the model with its pretrained body and a fresh fastai head: the first checkpoint."""
+    classes = [c["name"] for c in data_report["classes"]]
+    model, stats = create_model(
+        model_params["arch"],
+        len(classes),
+        str(model_params["weights"]),
+        hidden=int(model_params["hidden"]),
+        ps=float(model_params["ps"]),
+        concat_pool=bool(model_params["concat_pool"]),
+    )
+    logger.info(
+        "model %s (%s weights), %d classes, %.1fM parameters",
+        model_params["arch"],
+        model_params["weights"],
+        len(classes),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "arch": model_params["arch"],
+        "weights": str(model_params["weights"]),
+        "hidden": int(model_params["hidden"]),
+        "ps": float(model_params["ps"]),
+        "concat_pool": bool(model_params["concat_pool"]),
+        "classes": classes,
+        "mean": list(stats.mean),
+        "std": list(stats.std),
+        "stage": "initial",
+        "model": model.state_dict(),
+    }
+
+
+def find_lr(
+    checkpoint: dict[str, Any],
+    presized_images: ShardedImages,
+    stage_params: dict[str, Any],
+    lr_find_params: dict[str, Any],
+    runtime_params: dict[str, Any],
+) -> dict[str, Any]:
+    """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``."""
+    options = LrFindOptions(**lr_find_params)
+    cfg = _stage_config("lr_find", stage_params, options.start_lr)
+    result = lr_find_in_fabric(checkpoint, presized_images, cfg, options, _runtime(runtime_params))
+    return result
+
+
+def train_stage(
+    checkpoint: dict[str, Any],
+    presized_images: ShardedImages,
+    lr_find_result: dict[str, Any],
+    resume_dir: Path,
+    stage_params: dict[str, Any],
+    runtime_params: dict[str, Any],
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One ``fit_one_cycle`` stage from the previous stage's checkpoint; returns the best epoch."""
+    name = str(stage_params["name"])
+    cfg = _stage_config(name, stage_params, _resolve_lr(stage_params["lr"], lr_find_result))
+    logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.augment.size)
+    result = train_in_fabric(
+        checkpoint, presized_images, cfg, _runtime(runtime_params), checkpoint_dir=resume_dir
+    )
+    out = {
+        **{k: v for k, v in checkpoint.items() if k != "model"},
+        "stage": name,
+        "image_size": cfg.augment.size,
+        "presize": presized_images.size,
+        "best_epoch": result.best_epoch,
+        "best_metric": result.best_metric,
+        "start_metrics": result.start_metrics,
+        "monitor": cfg.monitor,
+        "model": result.state_dict,
+    }
+    return out, pd.DataFrame(result.history)

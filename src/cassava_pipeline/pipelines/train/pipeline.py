@@ -1,0 +1,75 @@
+"""train: init_model -> lr_find -> one training pipeline under three namespaces.
+
+frozen   (presize ``small``): head only, ``lr: auto`` takes lr_find's suggestion;
+unfrozen (presize ``large``): everything, discriminative rates, from frozen's checkpoint;
+mixup    (presize ``large``): as unfrozen with MixUp, keeping the best epoch by accuracy.
+"""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import find_lr, init_model, train_stage
+
+# namespace -> (presized images it trains on, checkpoint it starts from)
+STAGES = {
+    "frozen": ("small.presized_images", "initial_checkpoint"),
+    "unfrozen": ("large.presized_images", "frozen.checkpoint"),
+    "mixup": ("large.presized_images", "unfrozen.checkpoint"),
+}
+
+
+def training_stage() -> Pipeline:
+    """The one parameterised training node every stage reuses."""
+    return Pipeline(
+        [
+            Node(
+                train_stage,
+                inputs=[
+                    "start_checkpoint",
+                    "presized_images",
+                    "lr_find_result",
+                    "resume_dir",
+                    "params:train",
+                    "params:runtime",
+                ],
+                outputs=["checkpoint", "history"],
+                name="train_stage",
+            )
+        ]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Model initialisation, lr_find, and the three namespaced training stages."""
+    setup = Pipeline(
+        [
+            Node(
+                init_model, ["data_report", "params:model"], "initial_checkpoint", name="init_model"
+            ),
+            Node(
+                find_lr,
+                [
+                    "initial_checkpoint",
+                    "small.presized_images",
+                    "params:frozen.train",
+                    "params:lr_find",
+                    "params:runtime",
+                ],
+                "lr_find_result",
+                name="lr_find",
+            ),
+        ]
+    )
+    stages = [
+        Pipeline(
+            training_stage(),
+            namespace=ns,
+            inputs={
+                "start_checkpoint": start,
+                "presized_images": images,
+                "lr_find_result": "lr_find_result",
+            },
+            parameters={"params:runtime": "params:runtime"},
+        )
+        for ns, (images, start) in STAGES.items()
+    ]
+    return setup + sum(stages, Pipeline([]))

@@ -1,0 +1,219 @@
+"""fastai's ``aug_transforms`` on the training device, one resample per image.
+
+fastai composes flip, rotate and zoom into one affine matrix, adds the perspective warp to the
+sampling grid and makes one ``grid_sample`` call; its ``RandomResizedCropGPU`` (``min_scale < 1``)
+then resamples a second time. Here the random resized crop is one more matrix in the product, so
+every image is resampled exactly once, from the presized square straight to the final size.
+
+Each sample draws its own parameters (fastai's ``batch=False``), with fastai's distributions:
+
+- flip: probability 0.5;
+- warp: with ``p_affine``, x and y magnitudes uniform in [-max_warp, max_warp] (perspective);
+- rotate: with ``p_affine``, uniform in [-max_rotate, max_rotate] degrees;
+- zoom: with ``p_affine``, scale uniform in [min_zoom, max_zoom] about a uniform centre;
+- random resized crop: square, area fraction uniform in [min_scale, 1], uniform position;
+- brightness: with ``p_lighting``, uniform in 0.5 * (1 -/+ max_lighting), added in logit space;
+- contrast: with ``p_lighting``, log-uniform in [1 - max_lighting, 1 / (1 - max_lighting)],
+  multiplying the logits.
+
+Padding is reflection and ``align_corners=True``, as fastai. Validation batches are only resized
+(fastai's validation path: the same bilinear ``grid_sample`` with an identity matrix).
+Normalisation comes last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """fastai's ``aug_transforms`` arguments, with its defaults."""
+
+    size: int = 224  # output side (square)
+    min_scale: float = 1.0  # fastai's default; the seeds use 0.75 (set in the parameters)
+    do_flip: bool = True
+    max_rotate: float = 10.0  # degrees
+    min_zoom: float = 1.0
+    max_zoom: float = 1.1
+    max_warp: float = 0.2
+    p_affine: float = 0.75
+    max_lighting: float = 0.2
+    p_lighting: float = 0.75
+    p_flip: float = 0.5  # fastai's Flip(p=0.5)
+    mult: float = 1.0  # scales max_rotate, max_lighting and max_warp
+    pad_mode: str = "reflection"
+    align_corners: bool = True
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def _mask(values: torch.Tensor, p: float, neutral: float, g, device) -> torch.Tensor:
+    """fastai's mask_tensor: each value kept with probability p, else ``neutral``."""
+    if p >= 1.0:
+        return values
+    keep = torch.rand(values.shape[0], generator=g, device=device) < p
+    return torch.where(keep, values, torch.full_like(values, neutral))
+
+
+def _affine(a, b, c, d, e, f) -> torch.Tensor:
+    """Stack per-sample rows into (n, 3, 3) matrices [[a, b, c], [d, e, f], [0, 0, 1]]."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack(
+        [torch.stack([a, b, c], 1), torch.stack([d, e, f], 1), torch.stack([zero, zero, one], 1)], 1
+    )
+
+
+def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(like.shape[0])
+
+
+def affine_matrices(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
+    """Per-sample (n, 3, 3) matrix: flip @ rotate @ zoom @ crop, in normalised coordinates.
+
+    Maps output coordinates to input coordinates, as ``F.affine_grid`` expects.
+    """
+    eye = torch.eye(3, device=device).expand(n, 3, 3)
+    mats = eye
+    zeros = torch.zeros(n, device=device)
+    if opts.do_flip:
+        flip = _mask(-torch.ones(n, device=device), opts.p_flip, 1.0, g, device)
+        mats = mats @ _affine(flip, zeros, zeros, zeros, torch.ones_like(flip), zeros)
+    max_rotate = opts.max_rotate * opts.mult
+    if max_rotate:
+        deg = _mask(_uniform(n, -max_rotate, max_rotate, g, device), opts.p_affine, 0.0, g, device)
+        t = deg * math.pi / 180
+        mats = mats @ _affine(t.cos(), t.sin(), zeros, -t.sin(), t.cos(), zeros)
+    if opts.min_zoom < 1 or opts.max_zoom > 1:
+        scale = _mask(
+            _uniform(n, opts.min_zoom, opts.max_zoom, g, device), opts.p_affine, 1.0, g, device
+        )
+        s = 1 / scale
+        col = _uniform(n, 0, 1, g, device)
+        row = _uniform(n, 0, 1, g, device)
+        mats = mats @ _affine(s, zeros, (1 - s) * (2 * col - 1), zeros, s, (1 - s) * (2 * row - 1))
+    if opts.min_scale < 1:
+        # Square random resized crop: side fraction sqrt(area), uniform top-left corner.
+        side = _uniform(n, opts.min_scale, 1.0, g, device).sqrt()
+        cx = (1 - side) * (2 * _uniform(n, 0, 1, g, device) - 1)
+        cy = (1 - side) * (2 * _uniform(n, 0, 1, g, device) - 1)
+        mats = mats @ _affine(side, zeros, cx, zeros, side, cy)
+    return mats
+
+
+def _perspective_coeffs(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """fastai's find_coeffs: the 8 homography coefficients mapping ``dst`` points to ``src``."""
+    rows = []
+    for i in range(src.shape[1]):
+        x, y = dst[:, i, 0], dst[:, i, 1]
+        u, v = src[:, i, 0], src[:, i, 1]
+        one, zero = torch.ones_like(x), torch.zeros_like(x)
+        rows.append(torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], 1))
+        rows.append(torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], 1))
+    a = torch.stack(rows, 1)
+    b = src.reshape(src.shape[0], 8, 1)
+    return torch.linalg.solve(a, b)[..., 0]
+
+
+def warp_grid(grid: torch.Tensor, opts: AugmentOptions, g, device) -> torch.Tensor:
+    """Apply fastai's random perspective warp to sampling coordinates (n, h, w, 2)."""
+    n = grid.shape[0]
+    mag = opts.max_warp * opts.mult
+    xt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
+    yt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
+    orig = torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=grid.dtype, device=device)
+    orig = orig.unsqueeze(0).expand(n, 4, 2)
+    targ = torch.stack(
+        [
+            torch.stack([-1 - yt, -1 - xt], 1),
+            torch.stack([-1 + yt, 1 + xt], 1),
+            torch.stack([1 + yt, -1 + xt], 1),
+            torch.stack([1 - yt, 1 - xt], 1),
+        ],
+        1,
+    )
+    coeffs = _perspective_coeffs(orig, targ)
+    h = torch.cat([coeffs, torch.ones(n, 1, dtype=grid.dtype, device=device)], 1).view(n, 3, 3)
+    pts = grid.reshape(n, -1, 2)
+    out = pts @ h[:, :, :2].transpose(1, 2) + h[:, :, 2].unsqueeze(1)
+    if (out[..., 2] == 0).any():
+        return grid
+    return (out[..., :2] / out[..., 2:3]).view_as(grid)
+
+
+def _logit(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(1e-7, 1 - 1e-7)
+    return -(1 / x - 1).log()
+
+
+def lighting(x: torch.Tensor, opts: AugmentOptions, g, device) -> torch.Tensor:
+    """fastai's Brightness then Contrast, composed in logit space."""
+    n = x.shape[0]
+    ml = opts.max_lighting * opts.mult
+    bright = _mask(
+        _uniform(n, 0.5 * (1 - ml), 0.5 * (1 + ml), g, device), opts.p_lighting, 0.5, g, device
+    )
+    contrast = _mask(
+        _uniform(n, math.log(1 - ml), -math.log(1 - ml), g, device).exp(),
+        opts.p_lighting,
+        1.0,
+        g,
+        device,
+    )
+    z = _logit(x) + _logit(bright)[:, None, None, None]
+    return torch.sigmoid(z * contrast[:, None, None, None])
+
+
+class BatchAugment:
+    """Callable turning a uint8 (n, 3, s, s) batch into a normalised float (n, 3, size, size) one.
+
+    ``train=True`` applies the random augmentations; ``train=False`` only resizes. A
+    ``torch.Generator`` (on the batch's device) makes the draws reproducible.
+    """
+
+    def __init__(
+        self,
+        opts: AugmentOptions,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ):
+        self.opts = opts
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def geometry(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
+        """Resample float images once through the composed grid."""
+        o = self.opts
+        n, _, h, w = x.shape
+        device = x.device
+        if train:
+            mats = affine_matrices(n, o, g, device)
+        else:
+            mats = torch.eye(3, device=device).expand(n, 3, 3)
+        mats = mats.clone()
+        mats[:, 0, 1] *= h / w  # fastai's _prepare_mat, for non-square inputs
+        mats[:, 1, 0] *= w / h
+        grid = F.affine_grid(
+            mats[:, :2].to(x.dtype), [n, 3, o.size, o.size], align_corners=o.align_corners
+        )
+        if train and o.max_warp * o.mult:
+            grid = warp_grid(grid, o, g, device)
+        return F.grid_sample(
+            x, grid, mode="bilinear", padding_mode=o.pad_mode, align_corners=o.align_corners
+        )
+
+    def __call__(
+        self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        x = images.float().div_(255)
+        x = self.geometry(x, train, generator)
+        if train and self.opts.max_lighting * self.opts.mult:
+            x = lighting(x, self.opts, generator, x.device)
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        return (x - mean) / std

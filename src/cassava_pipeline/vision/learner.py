@@ -1,0 +1,489 @@
+"""One parameterised training loop: fastai's ``fit_one_cycle`` with its optimizer and callbacks.
+
+- AdamW as fastai sets it up: betas (0.9, 0.99) with beta1 cycled by the schedule, eps 1e-5,
+  decoupled weight decay 0.01, none on BatchNorm parameters and biases;
+- the one-cycle schedule of :mod:`.schedule`; discriminative learning rates over the model's
+  parameter groups (``slice(low, high)``);
+- optional mixup (fastai's ``MixUp``: per-sample lambda from Beta(alpha, alpha), lambda =
+  max(lambda, 1 - lambda), training only) and label smoothing;
+- the device, precision (bf16, fp16 with a GradScaler) and data parallelism (DDP) come from
+  Lightning Fabric; channels-last, ``torch.compile`` and gradient accumulation are options;
+- a checkpoint after every epoch, written atomically, holding everything a resumed run needs to
+  end bit for bit where an uninterrupted run ends (on CPU);
+- the best epoch by the monitored metric is what the stage returns (``SaveModelCallback``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import AugmentOptions, BatchAugment
+from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
+from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
+from .schedule import (
+    LrFindOptions,
+    OneCycle,
+    OneCycleScheduler,
+    SmoothLoss,
+    discriminative_lrs,
+    lr_at,
+    suggest_valley,
+)
+from .shards import ShardedImages
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One ``fit_one_cycle`` call of the recipe (frozen, unfrozen or mixup)."""
+
+    name: str
+    epochs: int
+    lr: float | tuple[float, float]  # one rate, or (low, high) spread over the groups
+    freeze: bool = True  # train the head (and BatchNorm) only
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+    cycle: OneCycle = field(default_factory=OneCycle)
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
+    wd: float = 0.01  # fastai's default weight decay, decoupled (AdamW)
+    betas: tuple[float, float] = (0.9, 0.99)  # fastai's Adam betas (beta1 is then cycled)
+    eps: float = 1e-5  # fastai's Adam eps
+    mixup: float = 0.0  # MixUp alpha; 0 = off
+    label_smoothing: float = 0.0  # 0 = plain cross-entropy
+    monitor: str = "accuracy"  # SaveModelCallback's metric: accuracy (max) or valid_loss (min)
+    grad_accum: int = 1  # batches per optimizer step
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to run: Lightning Fabric's accelerator, devices, strategy and precision."""
+
+    accelerator: str = "auto"  # cpu, cuda or auto
+    devices: int = 1  # > 1: data-parallel (DDP) from inside the node
+    precision: str = "32-true"  # 32-true, bf16-mixed or 16-mixed
+    num_nodes: int = 1  # several machines: launch with torchrun (see README)
+    strategy: str = "auto"  # auto: ddp when devices * num_nodes > 1
+    progress: bool = True  # a batch progress bar
+
+
+@dataclass
+class StageResult:
+    """What a stage hands on: the best weights and the per-epoch history."""
+
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_metric: float
+    start_metrics: dict[str, float] = field(default_factory=dict)  # before the first epoch
+
+
+def make_optimizer(model: nn.Module, lrs: list[float], cfg: StageConfig) -> torch.optim.AdamW:
+    """AdamW over the model's parameter groups; no weight decay on BatchNorm and biases."""
+    no_wd = no_decay_params(model)
+    groups = []
+    for params, lr in zip(param_groups(model), lrs, strict=True):
+        decay = [p for p in params if id(p) not in no_wd]
+        other = [p for p in params if id(p) in no_wd]
+        groups.append({"params": decay, "lr": lr, "weight_decay": cfg.wd})
+        groups.append({"params": other, "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lrs[-1], betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.wd)
+
+
+def mixup_batch(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastai's MixUp: (mixed x, shuffled y, lambda per sample), lambda >= 0.5."""
+    n = y.shape[0]
+    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+    with torch.random.fork_rng(devices=[]):
+        if g is not None:
+            torch.random.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        lam = beta.sample((n,))
+        shuffle = torch.randperm(n)
+    lam = torch.maximum(lam, 1 - lam).to(x.device, x.dtype)
+    shuffle = shuffle.to(x.device)
+    mixed = torch.lerp(x[shuffle], x, lam.view(-1, 1, 1, 1))
+    return mixed, y[shuffle], lam
+
+
+def _loss(logits, y, smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
+
+
+class Trainer:
+    """Runs stages and lr_find for one model on one Fabric (one process of a DDP group)."""
+
+    def __init__(self, fabric, model: nn.Sequential, stats: Stats, *, progress: bool = True):
+        self.fabric = fabric
+        self.model = model
+        self.stats = stats
+        self.progress = progress and fabric.is_global_zero
+
+    # ---- data ----------------------------------------------------------------------------
+    def loaders(self, train: ShardedImages, valid: ShardedImages, cfg: StageConfig):
+        f = self.fabric
+        cuda = f.device.type == "cuda"
+        tr_sampler = EpochSampler(
+            len(train), shuffle=True, seed=cfg.seed, rank=f.global_rank, world_size=f.world_size
+        )
+        va_sampler = EpochSampler(
+            len(valid),
+            shuffle=False,
+            seed=cfg.seed,
+            rank=f.global_rank,
+            world_size=f.world_size,
+            pad=False,
+        )
+        tr = make_loader(
+            CroppedItems(train, train=True, seed=cfg.seed),
+            tr_sampler,
+            cfg.loader,
+            drop_last=len(train) >= cfg.loader.batch_size * f.world_size,
+            cuda=cuda,
+        )
+        va = make_loader(
+            CroppedItems(valid, train=False, seed=cfg.seed),
+            va_sampler,
+            cfg.loader,
+            drop_last=False,
+            cuda=cuda,
+        )
+        return tr, va
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, loader, augment: BatchAugment, cfg: StageConfig) -> dict[str, float]:
+        """Loss, accuracy and error rate over the whole validation set (summed over ranks)."""
+        f = self.fabric
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=f.device)  # loss, correct, count
+        for batch_x, batch_y in loader:
+            images, labels = batch_x.to(f.device, non_blocking=True), batch_y.to(f.device)
+            x = augment(images, train=False)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with f.autocast():
+                logits = self.model(x)
+            loss = _loss(logits, labels, cfg.label_smoothing, reduction="sum")
+            sums += torch.stack(
+                [
+                    loss.double(),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(labels.shape[0], dtype=torch.float64, device=f.device),
+                ]
+            )
+        if f.world_size > 1:
+            sums = f.all_reduce(sums, reduce_op="sum")
+        loss, correct, count = (float(v) for v in sums.cpu())
+        if count == 0:
+            return {"valid_loss": math.nan, "accuracy": math.nan, "error_rate": math.nan}
+        return {
+            "valid_loss": loss / count,
+            "accuracy": correct / count,
+            "error_rate": 1 - correct / count,
+        }
+
+    # ---- training ------------------------------------------------------------------------
+    def fit(
+        self,
+        train: ShardedImages,
+        valid: ShardedImages,
+        cfg: StageConfig,
+        *,
+        checkpoint_dir: Path | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        stop_after_epochs: int | None = None,
+    ) -> StageResult:
+        """``fit_one_cycle(cfg.epochs, cfg.lr)`` with the stage's freezing, mixup and options.
+
+        Resumes from ``checkpoint_dir/last.pt`` when it holds an unfinished run of the same
+        stage and configuration. ``stop_after_epochs`` simulates an interruption (tests).
+        """
+        f = self.fabric
+        torch.manual_seed(cfg.seed)
+        (freeze if cfg.freeze else unfreeze)(self.model)
+        lrs = discriminative_lrs(cfg.lr, len(param_groups(self.model)))
+        if cfg.channels_last:  # before DDP wraps it: gradient buckets follow the layout
+            self.model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(self.model, lrs, cfg)
+        model, opt = f.setup(self.model, opt)
+        step_model = torch.compile(model) if cfg.compile else model
+        tr_loader, va_loader = self.loaders(train, valid, cfg)
+        steps_per_epoch = max(1, len(tr_loader) // cfg.grad_accum)
+        sched = OneCycleScheduler(opt, cfg.epochs * steps_per_epoch, cfg.cycle)
+        augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
+        gen = torch.Generator(device=f.device).manual_seed(cfg.seed + 7919 * f.global_rank)
+        mix_gen = torch.Generator().manual_seed(cfg.seed + 104729 * f.global_rank)
+
+        state = {
+            "epoch": 0,
+            "history": [],
+            "best": None,
+            "best_metric": None,
+            "best_epoch": -1,
+            "smooth": [0.0, 0],  # fastai's running train loss carries across epochs
+            "start_metrics": {},
+        }
+        fingerprint = _fingerprint(cfg, len(train), len(valid), f.world_size)
+        ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if saved.get("fingerprint") == fingerprint and saved["epoch"] < cfg.epochs:
+                _restore(saved, model, opt, sched, gen, mix_gen)
+                state = {k: saved[k] for k in state}
+                logger.info("%s: resuming after epoch %d from %s", cfg.name, state["epoch"], ckpt)
+            elif saved.get("fingerprint") == fingerprint:
+                logger.info("%s: %s holds a finished run; training again", cfg.name, ckpt)
+
+        maximize = cfg.monitor != "valid_loss"
+        smooth = SmoothLoss()
+        smooth.avg, smooth.count = float(state["smooth"][0]), int(state["smooth"][1])
+        if state["epoch"] == 0:
+            # Where the stage starts from: the untrained head's accuracy, for the first stage.
+            _sync_buffers(f, _raw(model))
+            state["start_metrics"] = self.validate(va_loader, augment, cfg)
+            if f.is_global_zero:
+                start = state["start_metrics"]
+                logger.info(
+                    "%s: before training: valid_loss %.6f, accuracy %.6f",
+                    cfg.name,
+                    start["valid_loss"],
+                    start["accuracy"],
+                )
+                logger.info("%s: %s", cfg.name, _header())
+        for epoch in range(state["epoch"], cfg.epochs):
+            if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            tr_loader.sampler.set_epoch(epoch)
+            opt.zero_grad(set_to_none=True)
+            batches = _progress(tr_loader, self.progress, f"{cfg.name} {epoch}")
+            n_batches = steps_per_epoch * cfg.grad_accum
+            for i, (batch_x, batch_y) in enumerate(batches):
+                if i >= n_batches:
+                    break
+                images, labels = batch_x.to(f.device, non_blocking=True), batch_y.to(f.device)
+                x = augment(images, train=True, generator=gen)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                last = (i + 1) % cfg.grad_accum == 0
+                with f.no_backward_sync(model, enabled=not last), f.autocast():
+                    if cfg.mixup > 0:
+                        x, y2, lam = mixup_batch(x, labels, cfg.mixup, mix_gen)
+                        logits = step_model(x)
+                        loss = torch.lerp(
+                            _loss(logits, y2, cfg.label_smoothing, "none"),
+                            _loss(logits, labels, cfg.label_smoothing, "none"),
+                            lam.float(),
+                        ).mean()
+                    else:
+                        logits = step_model(x)
+                        loss = _loss(logits, labels, cfg.label_smoothing)
+                f.backward(loss / cfg.grad_accum)
+                smoothed = smooth.update(float(loss.detach()))
+                if last:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                if self.progress and hasattr(batches, "set_postfix"):
+                    batches.set_postfix(loss=f"{smoothed:.4f}")
+            _sync_buffers(f, _raw(model))
+            metrics = self.validate(va_loader, augment, cfg)
+            row = {
+                "stage": cfg.name,
+                "epoch": epoch,
+                "train_loss": smooth.avg / (1 - smooth.beta**smooth.count)
+                if smooth.count
+                else math.nan,
+                **metrics,
+                "lr": float(opt.param_groups[-1]["lr"]),
+                "seconds": time.perf_counter() - t0,
+            }
+            state["history"].append(row)
+            value = row[cfg.monitor]
+            better = state["best_metric"] is None or (
+                value > state["best_metric"] if maximize else value < state["best_metric"]
+            )
+            if better and not math.isnan(value):
+                state["best_metric"], state["best_epoch"] = value, epoch
+                state["best"] = {
+                    k: v.detach().cpu().clone() for k, v in _raw(model).state_dict().items()
+                }
+            state["epoch"] = epoch + 1
+            state["smooth"] = [smooth.avg, smooth.count]
+            if f.is_global_zero:
+                logger.info("%s: %s", cfg.name, _row(row))
+                if ckpt is not None:
+                    _save_atomic(
+                        _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen), ckpt
+                    )
+            if on_epoch is not None and f.is_global_zero:
+                on_epoch(row)
+            f.barrier()
+        if state["best"] is None:  # no finite metric (e.g. empty validation): keep the last
+            state["best"] = {
+                k: v.detach().cpu().clone() for k, v in _raw(model).state_dict().items()
+            }
+            state["best_epoch"] = state["epoch"] - 1
+        if state["best_epoch"] >= 0 and f.is_global_zero:
+            logger.info(
+                "%s: best epoch %d, %s %.6f",
+                cfg.name,
+                state["best_epoch"],
+                cfg.monitor,
+                state["best_metric"] if state["best_metric"] is not None else math.nan,
+            )
+        _raw(model).load_state_dict(state["best"])
+        return StageResult(
+            state["best"],
+            state["history"],
+            state["best_epoch"],
+            state["best_metric"] if state["best_metric"] is not None else math.nan,
+            state["start_metrics"],
+        )
+
+    def lr_find(
+        self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions
+    ) -> dict[str, Any]:
+        """fastai's ``lr_find``: sweep, stop on divergence, restore the weights, suggest."""
+        f = self.fabric
+        torch.manual_seed(cfg.seed)
+        (freeze if cfg.freeze else unfreeze)(self.model)
+        saved = copy.deepcopy(self.model.state_dict())
+        n_groups = len(param_groups(self.model))
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(self.model, [options.start_lr] * n_groups, cfg)
+        model, opt = f.setup(self.model, opt)
+        tr_loader, _ = self.loaders(train, train, cfg)
+        augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
+        gen = torch.Generator(device=f.device).manual_seed(cfg.seed)
+        smooth, best = SmoothLoss(options.beta), math.inf
+        lrs, losses = [], []
+        model.train()
+        it, epoch = 0, 0
+        while it < options.num_it:
+            tr_loader.sampler.set_epoch(epoch)
+            for batch_x, batch_y in tr_loader:
+                lr = lr_at(it, options)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                images, labels = batch_x.to(f.device), batch_y.to(f.device)
+                x = augment(images, train=True, generator=gen)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with f.autocast():
+                    loss = _loss(model(x), labels, cfg.label_smoothing)
+                f.backward(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                s = smooth.update(float(loss.detach()))
+                lrs.append(lr)
+                losses.append(s)
+                it += 1
+                best = min(best, s)
+                if (options.stop_div and (s > 4 * best or math.isnan(s))) or it >= options.num_it:
+                    break
+            else:
+                epoch += 1
+                continue
+            break
+        self.model.load_state_dict(saved)
+        suggestion = suggest_valley(lrs, losses, options.num_it)
+        logger.info("lr_find: %d steps, suggested lr (valley) %.3g", len(lrs), suggestion)
+        return {"lrs": lrs, "losses": losses, "suggestion": suggestion, "num_it": options.num_it}
+
+
+def _sync_buffers(fabric, model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics (DDP syncs them only before a forward)."""
+    if fabric.world_size > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def _raw(model: nn.Module) -> nn.Module:
+    """The plain module under Fabric's (and DDP's) wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+def _fingerprint(cfg: StageConfig, n_train: int, n_valid: int, world: int) -> str:
+    d = asdict(cfg)
+    d["loader"].pop("num_workers", None)
+    d["loader"].pop("persistent_workers", None)
+    return repr((d, n_train, n_valid, world, CHECKPOINT_VERSION))
+
+
+def _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen) -> dict[str, Any]:
+    return {
+        "version": CHECKPOINT_VERSION,
+        "fingerprint": fingerprint,
+        **state,
+        "model": _raw(model).state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "aug_rng": gen.get_state(),
+        "mix_rng": mix_gen.get_state(),
+    }
+
+
+def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
+    _raw(model).load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    gen.set_state(saved["aug_rng"])
+    mix_gen.set_state(saved["mix_rng"])
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _header() -> str:
+    return f"{'epoch':>5} {'train_loss':>10} {'valid_loss':>10} {'accuracy':>8} {'time':>6}"
+
+
+def _row(r: dict[str, Any]) -> str:
+    m, s = divmod(round(r["seconds"]), 60)
+    return (
+        f"{r['epoch']:>5} {r['train_loss']:>10.6f} {r['valid_loss']:>10.6f} "
+        f"{r['accuracy']:>8.6f} {m:02d}:{s:02d}"
+    )
+
+
+def _progress(loader, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    return tqdm(loader, desc=desc, leave=False, mininterval=1.0)

@@ -1,0 +1,123 @@
+"""Run lr_find and training stages on Lightning Fabric: CPU or CUDA, precision, DDP.
+
+``devices: N`` (N > 1) launches N processes from inside the calling process (``ddp_spawn``;
+gloo on CPU, NCCL on CUDA) and returns rank 0's result. Under ``torchrun`` (several machines)
+Fabric picks the ranks up from the environment and each process runs the stage itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+
+from .learner import RuntimeConfig, StageConfig, StageResult, Trainer
+from .models import Stats, create_model
+from .schedule import LrFindOptions
+from .shards import ShardedImages
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[torch.nn.Sequential, Stats]:
+    """Rebuild the model a checkpoint describes and load its weights (no download)."""
+    model, _ = create_model(
+        checkpoint["arch"],
+        len(checkpoint["classes"]),
+        "none",
+        hidden=int(checkpoint["hidden"]),
+        ps=float(checkpoint["ps"]),
+        concat_pool=bool(checkpoint["concat_pool"]),
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model, Stats(tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def make_fabric(runtime: RuntimeConfig):
+    """A Lightning Fabric for the runtime settings."""
+    strategy = runtime.strategy
+    if strategy == "auto" and runtime.devices * runtime.num_nodes > 1:
+        strategy = "ddp" if _under_torchrun() else "ddp_spawn"
+    return Fabric(
+        accelerator=runtime.accelerator,
+        devices=runtime.devices,
+        num_nodes=runtime.num_nodes,
+        strategy=strategy,
+        precision=runtime.precision,
+    )
+
+
+def _threads(fabric) -> None:
+    if fabric.device.type == "cpu" and fabric.world_size > 1:
+        local = max(1, fabric.world_size // max(1, getattr(fabric, "num_nodes", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _train(fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path) -> None:
+    _threads(fabric)
+    model, stats = model_from_checkpoint(checkpoint)
+    train, valid = shards.split()
+    trainer = Trainer(fabric, model, stats, progress=runtime.progress)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    result = trainer.fit(train, valid, cfg, checkpoint_dir=ckpt)
+    if fabric.is_global_zero:
+        # Through a file: a spawned process's return value goes through a pipe that the
+        # launcher only reads after every process has exited, so a large one would deadlock.
+        torch.save(asdict(result), result_path)
+
+
+def train_in_fabric(
+    checkpoint: dict[str, Any],
+    shards: ShardedImages,
+    cfg: StageConfig,
+    runtime: RuntimeConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+) -> StageResult:
+    """Train one stage from ``checkpoint`` on the shards' training side, validate on the rest."""
+    fabric = make_fabric(runtime)
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.pt"
+        # A partial: Fabric's launcher walks positional arguments and chokes on frozen dataclasses.
+        job = partial(
+            _train,
+            checkpoint=checkpoint,
+            shards=shards,
+            cfg=cfg,
+            runtime=runtime,
+            checkpoint_dir=checkpoint_dir,
+            result_path=result_path,
+        )
+        fabric.launch(job)
+        return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))
+
+
+def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime) -> dict[str, Any]:
+    _threads(fabric)
+    model, stats = model_from_checkpoint(checkpoint)
+    train, _ = shards.split()
+    return Trainer(fabric, model, stats, progress=runtime.progress).lr_find(train, cfg, options)
+
+
+def lr_find_in_fabric(
+    checkpoint: dict[str, Any],
+    shards: ShardedImages,
+    cfg: StageConfig,
+    options: LrFindOptions,
+    runtime: RuntimeConfig,
+) -> dict[str, Any]:
+    """fastai's lr_find for the model of ``checkpoint`` (always one process: it is a sweep)."""
+    single = RuntimeConfig(**{**runtime.__dict__, "devices": 1, "num_nodes": 1, "strategy": "auto"})
+    fabric = make_fabric(single)
+    job = partial(
+        _lr_find, checkpoint=checkpoint, shards=shards, cfg=cfg, options=options, runtime=single
+    )
+    return fabric.launch(job)

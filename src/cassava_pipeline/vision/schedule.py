@@ -1,0 +1,154 @@
+"""fastai's one-cycle schedule, lr_find sweep and valley suggestion, as plain functions.
+
+``fit_one_cycle(n_epoch, lr_max, div=25, div_final=1e5, pct_start=0.25, moms=(0.95, 0.85, 0.95))``
+anneals the learning rate with a cosine from ``lr_max/div`` up to ``lr_max`` over the first
+``pct_start`` of the steps, then with a cosine down to ``lr_max/div_final``; the momentum (Adam's
+first beta) goes 0.95 -> 0.85 -> 0.95 the same way. At step ``i`` of ``total`` the position is
+``i / total``, as fastai's ``ParamScheduler`` computes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def sched_cos(start: float, end: float, pos: float) -> float:
+    """fastai's SchedCos: cosine from ``start`` (pos 0) to ``end`` (pos 1)."""
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+
+
+def combined_cos(pct: float, start: float, middle: float, end: float, pos: float) -> float:
+    """fastai's combined_cos: start -> middle over ``pct`` of the run, then middle -> end."""
+    if pos < pct:
+        return sched_cos(start, middle, pos / pct)
+    return sched_cos(middle, end, (pos - pct) / (1 - pct))
+
+
+@dataclass(frozen=True)
+class OneCycle:
+    """fastai's ``fit_one_cycle`` hyper-parameters."""
+
+    div: float = 25.0  # start at lr_max / 25
+    div_final: float = 1e5  # end at lr_max / 1e5
+    pct_start: float = 0.25  # warm-up share of the steps
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95)  # Adam's beta1 start, middle, end
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Learning rate at ``step`` as a multiple of ``lr_max`` (every group scales alike)."""
+        return combined_cos(self.pct_start, 1 / self.div, 1.0, 1 / self.div_final, step / total)
+
+    def momentum(self, step: int, total: int) -> float:
+        """Adam's beta1 at ``step``."""
+        return combined_cos(self.pct_start, *self.moms, step / total)
+
+
+class OneCycleScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """Applies :class:`OneCycle` to an optimizer: each group's lr and beta1, per step.
+
+    A torch ``LRScheduler``, so its position is saved and restored with ``state_dict``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, cycle: OneCycle):
+        self.total_steps = max(1, total_steps)
+        self.cycle = cycle
+        super().__init__(optimizer)
+
+    def state_dict(self) -> dict:
+        """Plain values only (the cycle is configuration), so ``weights_only`` loads it."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cycle")}
+
+    def get_lr(self) -> list[float]:
+        step = min(self.last_epoch, self.total_steps - 1)
+        factor = self.cycle.lr_factor(step, self.total_steps)
+        mom = self.cycle.momentum(step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (mom, group["betas"][1])
+        return [base * factor for base in self.base_lrs]
+
+
+def discriminative_lrs(lr: float | Sequence[float], n_groups: int) -> list[float]:
+    """fastai's ``slice(low, high)``: ``n_groups`` rates spread geometrically from low to high.
+
+    A single number gives every group that rate; fastai's ``slice(high)`` (one number in a list)
+    gives the last group ``high`` and the others ``high / 10``.
+    """
+    if isinstance(lr, int | float):
+        return [float(lr)] * n_groups
+    lr = list(lr)
+    if len(lr) == 1:
+        return [lr[0] / 10] * (n_groups - 1) + [lr[0]]
+    low, high = float(lr[0]), float(lr[1])
+    if n_groups == 1:
+        return [high]
+    return [float(v) for v in np.geomspace(low, high, n_groups)]
+
+
+@dataclass(frozen=True)
+class LrFindOptions:
+    """fastai's ``lr_find`` defaults."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_it: int = 100
+    stop_div: bool = True  # stop when the smoothed loss passes 4x its best
+    beta: float = 0.98  # loss smoothing (fastai's Recorder)
+
+
+def lr_at(i: int, options: LrFindOptions) -> float:
+    """Exponential sweep (fastai's SchedExp) at iteration ``i``."""
+    pos = i / options.num_it
+    return options.start_lr * (options.end_lr / options.start_lr) ** pos
+
+
+class SmoothLoss:
+    """fastai's debiased exponential moving average of the loss."""
+
+    def __init__(self, beta: float = 0.98):
+        self.beta, self.avg, self.count = beta, 0.0, 0
+
+    def update(self, loss: float) -> float:
+        self.count += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        return self.avg / (1 - self.beta**self.count)
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
+    """fastai's ``valley`` suggestion: the longest descending run of the loss curve.
+
+    Returns (suggested lr, its index). fastai first drops the first tenth and last five points
+    of the curve (:func:`suggest_valley` does).
+    """
+    n = len(losses)
+    max_start, max_end = 0, 0
+    lds = [1] * n
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    idx = max_start + int(sections) + int(sections / 2)
+    return float(lrs[idx]), idx
+
+
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> float:
+    """fastai's ``LRFinder`` suggestion: trim the ends, stop at the first NaN, take the valley."""
+    lrs, losses = list(lrs)[num_it // 10 : -5], list(losses)[num_it // 10 : -5]
+    for i, loss in enumerate(losses):
+        if math.isnan(loss):
+            lrs, losses = lrs[:i], losses[:i]
+            break
+    if len(losses) < 2:
+        raise ValueError(
+            f"lr_find recorded too few points ({len(losses)}) to suggest a learning rate; "
+            "raise lr_find.num_it or use more training data"
+        )
+    return valley(lrs, losses)[0]

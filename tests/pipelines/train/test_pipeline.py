@@ -1,0 +1,68 @@
+"""The whole cassava pipeline (data and training) with a SequentialRunner, at test size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from kedro.runner import SequentialRunner
+
+from cassava_pipeline.pipeline_registry import register_pipelines
+from cassava_pipeline.pipelines.train.pipeline import STAGES
+from tests.pipelines.conftest import make_catalog, shrink_training
+
+
+def test_pipeline_shape():
+    pipe = register_pipelines()["cassava"]
+    names = {n.name for n in pipe.nodes}
+    assert {"frozen.train_stage", "unfrozen.train_stage", "mixup.train_stage", "lr_find"} <= names
+    # one node function reused by the three stages
+    funcs = {n.func for n in pipe.nodes if n.name.endswith("train_stage")}
+    assert len(funcs) == 1
+    assert register_pipelines()["__default__"].nodes == pipe.nodes
+    assert STAGES["unfrozen"] == ("large.presized_images", "frozen.checkpoint")
+
+
+@pytest.mark.slow
+def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
+    params = shrink_training(params)
+    catalog = make_catalog(kaggle_dir, params, tmp_path / "out")
+    SequentialRunner().run(register_pipelines()["cassava"], catalog)
+
+    lr = catalog["lr_find_result"].load()
+    assert 1e-7 <= lr["suggestion"] <= 10 and len(lr["losses"]) <= 12
+    previous = catalog["initial_checkpoint"].load()
+    assert previous["classes"] == ["alpha", "beta", "gamma"] and previous["mean"] == [0.5] * 3
+    for stage in ("frozen", "unfrozen", "mixup"):
+        ckpt = catalog[f"{stage}.checkpoint"].load()
+        assert ckpt["stage"] == stage and ckpt["arch"] == "tf_efficientnet_lite0"
+        assert ckpt["image_size"] == 32 and ckpt["best_epoch"] == 0
+        assert "accuracy" in ckpt["start_metrics"]
+        hist = catalog[f"{stage}.history"].load()
+        assert isinstance(hist, pd.DataFrame)
+        assert list(hist.columns) == [
+            "stage",
+            "epoch",
+            "train_loss",
+            "valid_loss",
+            "accuracy",
+            "error_rate",
+            "lr",
+            "seconds",
+        ]
+        # each stage starts from the one before
+        changed = [
+            k for k in ckpt["model"] if not torch.equal(ckpt["model"][k], previous["model"][k])
+        ]
+        assert changed
+        previous = ckpt
+    frozen = catalog["frozen.checkpoint"].load()
+    init = catalog["initial_checkpoint"].load()
+    stem = "0.conv_stem.weight"
+    assert torch.equal(frozen["model"][stem], init["model"][stem])  # frozen body convolution
+    assert not torch.equal(
+        catalog["unfrozen.checkpoint"].load()["model"][stem], init["model"][stem]
+    )
+    assert (tmp_path / "out" / "resume" / "mixup" / "last.pt").is_file()

@@ -1,0 +1,83 @@
+"""Tiny data and models for training tests: seconds on a CPU, real code paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cassava_pipeline.vision.augment import AugmentOptions
+from cassava_pipeline.vision.data import LoaderOptions
+from cassava_pipeline.vision.ingest import IngestOptions, ingest
+from cassava_pipeline.vision.layouts import FolderLayout
+from cassava_pipeline.vision.learner import StageConfig
+from cassava_pipeline.vision.models import create_model
+from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions, write_shards
+from cassava_pipeline.vision.shards import ShardedImages
+from cassava_pipeline.vision.split import SplitOptions, split
+from tests.images import jpeg_bytes
+
+CLASSES = ("blue", "green", "red")
+
+
+def coloured_images(root: Path, per_class: int = 12, w: int = 48, h: int = 40) -> Path:
+    """A learnable folder-per-class set: noisy images dominated by one colour channel."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            img = rng.integers(0, 120, (h, w, 3))
+            img[..., 2 - c] += 120
+            (root / name / f"{j}.jpg").write_bytes(jpeg_bytes(img.astype(np.uint8)))
+    return root
+
+
+def tiny_shards(tmp: Path, presize: int = 40, per_class: int = 12) -> ShardedImages:
+    """Presized shards of :func:`coloured_images`, split 75/25."""
+    root = coloured_images(tmp / "raw", per_class)
+    manifest, report = ingest(root, FolderLayout(), IngestOptions(workers=1))
+    classes = [c["name"] for c in report["classes"]]
+    manifest, _ = split(manifest, classes, SplitOptions(valid_pct=0.25, seed=0))
+    write_shards(
+        PresizeJob(str(root), manifest, tuple(classes), PresizeOptions(size=presize, workers=1)),
+        tmp / "shards",
+    )
+    return ShardedImages(tmp / "shards")
+
+
+def initial_checkpoint(arch: str = "resnet18", n_classes: int = 3, seed: int = 0) -> dict:
+    """What the init_model node produces, for a randomly initialised model."""
+    torch.manual_seed(seed)
+    model, stats = create_model(arch, n_classes, "none")
+    return {
+        "arch": arch,
+        "weights": "none",
+        "hidden": 512,
+        "ps": 0.5,
+        "concat_pool": True,
+        "classes": list(CLASSES[:n_classes]),
+        "mean": list(stats.mean),
+        "std": list(stats.std),
+        "stage": "initial",
+        "model": model.state_dict(),
+    }
+
+
+def stage(epochs: int = 3, **kw) -> StageConfig:
+    """A small unfrozen stage at 32 px with batch size 6."""
+    return StageConfig(
+        name=kw.pop("name", "test"),
+        epochs=epochs,
+        lr=kw.pop("lr", (1e-4, 1e-2)),
+        freeze=kw.pop("freeze", False),
+        augment=AugmentOptions(size=32, min_scale=0.75),
+        loader=LoaderOptions(batch_size=6, num_workers=0),
+        **kw,
+    )
+
+
+def history_frame(history: list[dict]) -> pd.DataFrame:
+    """History without wall-clock times (which never repeat)."""
+    return pd.DataFrame(history).drop(columns=["seconds"])

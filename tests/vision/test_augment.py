@@ -1,0 +1,87 @@
+"""Batch augmentation: identity at p=0, exact flips, one resample, per-sample draws."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cassava_pipeline.vision.augment import AugmentOptions, BatchAugment
+
+MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def batch(n: int = 4, s: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, s, s), generator=g, dtype=torch.uint8)
+
+
+NOTHING = dict(p_flip=0.0, p_affine=0.0, p_lighting=0.0, min_scale=1.0)
+
+
+def test_all_probabilities_zero_is_identity():
+    x = batch()
+    aug = BatchAugment(AugmentOptions(size=16, **NOTHING), MEAN, STD)
+    out = aug(x, train=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, x.float() / 255, atol=1e-5)
+
+
+def test_flip_alone_is_exact():
+    x = batch()
+    opts = AugmentOptions(
+        size=16, p_flip=1.0, max_rotate=0, max_zoom=1.0, max_warp=0, max_lighting=0, min_scale=1.0
+    )
+    out = BatchAugment(opts, MEAN, STD)(x, train=True, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x.float().flip(-1) / 255, atol=1e-5)
+
+
+def test_geometry_is_resampled_once(monkeypatch):
+    calls = []
+    real = F.grid_sample
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "grid_sample", counting)
+    aug = BatchAugment(AugmentOptions(size=8, min_scale=0.75), MEAN, STD)
+    out = aug(batch(s=20), train=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 8, 8) and len(calls) == 1
+    aug(batch(s=20), train=False)
+    assert len(calls) == 2
+
+
+def test_each_sample_draws_its_own_parameters():
+    x = batch(n=1).repeat(6, 1, 1, 1)
+    out = BatchAugment(AugmentOptions(size=16, min_scale=0.75), MEAN, STD)(
+        x, train=True, generator=torch.Generator().manual_seed(3)
+    )
+    distinct = {tuple(o.flatten()[:50].tolist()) for o in out}
+    assert len(distinct) == 6
+
+
+def test_seeded_generator_reproduces_the_batch():
+    aug = BatchAugment(AugmentOptions(size=12, min_scale=0.75), (0.5,) * 3, (0.5,) * 3)
+    a = aug(batch(), train=True, generator=torch.Generator().manual_seed(5))
+    b = aug(batch(), train=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_validation_only_resizes_and_normalises():
+    x = torch.full((2, 3, 20, 20), 51, dtype=torch.uint8)
+    out = BatchAugment(AugmentOptions(size=10), (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))(x, train=False)
+    expect = (torch.tensor([0.2, 0.2, 0.2]) - torch.tensor([0.1, 0.2, 0.3])) / 0.5
+    assert out.shape == (2, 3, 10, 10)
+    assert torch.allclose(out[0, :, 3, 3], expect, atol=1e-5)
+    ident = BatchAugment(AugmentOptions(size=16), MEAN, STD)(batch(), train=False)
+    assert torch.allclose(ident, batch().float() / 255, atol=1e-5)
+
+
+def test_lighting_only_changes_intensity_not_geometry():
+    x = torch.full((8, 3, 8, 8), 128, dtype=torch.uint8)
+    opts = AugmentOptions(size=8, p_flip=0.0, p_affine=0.0, p_lighting=1.0, min_scale=1.0)
+    out = BatchAugment(opts, MEAN, STD)(x, train=True, generator=torch.Generator().manual_seed(0))
+    per_image = out.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image))  # still flat images
+    assert per_image[:, 0].std() > 0.01  # but of different brightness
+    lo, hi = 0.5 * 0.8, 0.5 * 1.2  # contrast then brightness stay within fastai's ranges
+    assert ((per_image[:, 0] > 0.25) & (per_image[:, 0] < 0.75)).all() and lo < hi
