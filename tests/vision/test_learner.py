@@ -155,3 +155,15 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path):
 class _Payload:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_k_batches(shards, tmp_path: Path):
+    # 27 training images, batch 6: 4 batches per epoch; with grad_accum 2, 2 optimizer steps.
+    train_in_fabric(
+        initial_checkpoint(), shards, stage(epochs=1, grad_accum=2), CPU, checkpoint_dir=tmp_path
+    )
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["scheduler"]["total_steps"] == 2
+    assert saved["scheduler"]["last_epoch"] == 2
+    steps = {s["step"].item() for s in saved["optimizer"]["state"].values()}
+    assert steps == {2.0}

@@ -24,6 +24,8 @@ class CheckpointDataset(AbstractDataset[dict, dict]):
         return torch.load(self._path, map_location="cpu", weights_only=True)
 
     def save(self, data: dict) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun every rank runs the node; rank 0 writes
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as fh:

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,9 @@ class StageConfig:
 
     name: str
     epochs: int
-    lr: float | tuple[float, float]  # one rate, or (low, high) spread over the groups
+    lr: (
+        float | tuple[float, ...]
+    )  # one rate; (low, high) spread over the groups; (high,) = slice(high)
     freeze: bool = True  # train the head (and BatchNorm) only
     augment: AugmentOptions = field(default_factory=AugmentOptions)
     cycle: OneCycle = field(default_factory=OneCycle)
@@ -94,6 +96,41 @@ class StageResult:
     best_epoch: int
     best_metric: float
     start_metrics: dict[str, float] = field(default_factory=dict)  # before the first epoch
+
+
+def fine_tune_stages(
+    base: StageConfig,
+    epochs: int,
+    base_lr: float = 2e-3,
+    *,
+    freeze_epochs: int = 1,
+    lr_mult: float = 100,
+    pct_start: float = 0.3,
+    div: float = 5.0,
+) -> tuple[StageConfig, StageConfig]:
+    """fastai's ``fine_tune`` as two stages to fit in turn.
+
+    Frozen ``fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)``, then unfrozen
+    ``fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2), pct_start, div)``.
+    """
+    frozen = replace(
+        base,
+        name=f"{base.name}_frozen",
+        epochs=freeze_epochs,
+        lr=(base_lr,),
+        freeze=True,
+        cycle=replace(base.cycle, pct_start=0.99),
+    )
+    half = base_lr / 2
+    unfrozen = replace(
+        base,
+        name=f"{base.name}_unfrozen",
+        epochs=epochs,
+        lr=(half / lr_mult, half),
+        freeze=False,
+        cycle=replace(base.cycle, pct_start=pct_start, div=div),
+    )
+    return frozen, unfrozen
 
 
 def make_optimizer(model: nn.Module, lrs: list[float], cfg: StageConfig) -> torch.optim.AdamW:
@@ -486,4 +523,4 @@ def _row(r: dict[str, Any]) -> str:
 def _progress(loader, enabled: bool, desc: str):
     if not enabled:
         return loader
-    return tqdm(loader, desc=desc, leave=False, mininterval=1.0)
+    return tqdm(loader, desc=desc, leave=False, mininterval=1.0, disable=None)  # off without a TTY
