@@ -48,6 +48,17 @@ from .shards import ShardedImages
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+# Columns of a stage's per-epoch history, in order.
+HISTORY_COLUMNS = (
+    "stage",
+    "epoch",
+    "train_loss",
+    "valid_loss",
+    "accuracy",
+    "error_rate",
+    "lr",
+    "seconds",
+)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from kedro.runner import SequentialRunner
 
 from cassava_pipeline.pipeline_registry import register_pipelines
 from cassava_pipeline.pipelines.train.pipeline import STAGES
+from cassava_pipeline.vision.learner import HISTORY_COLUMNS
 from tests.pipelines.conftest import make_catalog, shrink_training
 
 
@@ -42,16 +43,7 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
         assert "accuracy" in ckpt["start_metrics"]
         hist = catalog[f"{stage}.history"].load()
         assert isinstance(hist, pd.DataFrame)
-        assert list(hist.columns) == [
-            "stage",
-            "epoch",
-            "train_loss",
-            "valid_loss",
-            "accuracy",
-            "error_rate",
-            "lr",
-            "seconds",
-        ]
+        assert tuple(hist.columns) == HISTORY_COLUMNS
         # each stage starts from the one before
         changed = [
             k for k in ckpt["model"] if not torch.equal(ckpt["model"][k], previous["model"][k])
