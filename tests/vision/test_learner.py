@@ -158,3 +158,22 @@ def test_gradient_accumulation_steps_the_optimizer_every_k_batches(shards, tmp_p
     assert saved["scheduler"]["last_epoch"] == 2
     steps = {s["step"].item() for s in saved["optimizer"]["state"].values()}
     assert steps == {2.0}
+
+
+def test_finished_stage_is_reused_and_other_inputs_are_not(shards, tmp_path: Path, caplog):
+    first = train_in_fabric(
+        initial_checkpoint(), shards, stage(epochs=1), CPU, checkpoint_dir=tmp_path
+    )
+    caplog.set_level("INFO", logger="cassava_pipeline")
+    again = train_in_fabric(
+        initial_checkpoint(), shards, stage(epochs=1), CPU, checkpoint_dir=tmp_path
+    )
+    assert "finished; reusing it" in caplog.text
+    assert_same_weights(first.state_dict, again.state_dict)
+    assert again.history == first.history  # not retrained: even the timings are the stored ones
+    caplog.clear()
+    other = train_in_fabric(
+        initial_checkpoint(seed=1), shards, stage(epochs=1), CPU, checkpoint_dir=tmp_path
+    )
+    assert "another run's" in caplog.text
+    assert not torch.equal(other.state_dict["1.8.weight"], first.state_dict["1.8.weight"])

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -263,10 +264,13 @@ class Trainer:
     ) -> StageResult:
         """``fit_one_cycle(cfg.epochs, cfg.lr)`` with the stage's freezing, mixup and options.
 
-        Resumes from ``checkpoint_dir/last.pt`` when it holds an unfinished run of the same
-        stage and configuration. ``stop_after_epochs`` simulates an interruption (tests).
+        Resumes from ``checkpoint_dir/last.pt`` when it holds a run of the same configuration,
+        data sizes and starting weights: an unfinished one goes on from its last epoch, a
+        finished one is returned as it is (same seed, same inputs: the same result).
+        ``stop_after_epochs`` simulates an interruption (tests).
         """
         f = self.fabric
+        start_digest = weights_digest(self.model.state_dict())
         torch.manual_seed(cfg.seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
         lrs = discriminative_lrs(cfg.lr, len(param_groups(self.model)))
@@ -291,16 +295,23 @@ class Trainer:
             "smooth": [0.0, 0],  # fastai's running train loss carries across epochs
             "start_metrics": {},
         }
-        fingerprint = _fingerprint(cfg, len(train), len(valid), f.world_size)
+        fingerprint = _fingerprint(cfg, len(train), len(valid), f.world_size, start_digest)
         ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
         if ckpt is not None and ckpt.exists():
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if saved.get("fingerprint") == fingerprint and saved["epoch"] < cfg.epochs:
+            if saved.get("fingerprint") == fingerprint:
                 _restore(saved, model, opt, sched, gen, mix_gen)
                 state = {k: saved[k] for k in state}
-                logger.info("%s: resuming after epoch %d from %s", cfg.name, state["epoch"], ckpt)
-            elif saved.get("fingerprint") == fingerprint:
-                logger.info("%s: %s holds a finished run; training again", cfg.name, ckpt)
+                done = "finished; reusing it" if state["epoch"] >= cfg.epochs else "resuming"
+                logger.info(
+                    "%s: %s holds this run after epoch %d: %s",
+                    cfg.name,
+                    ckpt,
+                    state["epoch"],
+                    done,
+                )
+            else:
+                logger.info("%s: %s is another run's (settings or inputs differ)", cfg.name, ckpt)
 
         maximize = cfg.monitor != "valid_loss"
         smooth = SmoothLoss()
@@ -475,11 +486,20 @@ def _raw(model: nn.Module) -> nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
-def _fingerprint(cfg: StageConfig, n_train: int, n_valid: int, world: int) -> str:
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of every tensor's name and bytes: equal for equal weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in state_dict.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(cfg: StageConfig, n_train: int, n_valid: int, world: int, start: str) -> str:
     d = asdict(cfg)
-    d["loader"].pop("num_workers", None)
+    d["loader"].pop("num_workers", None)  # they change nothing in the result
     d["loader"].pop("persistent_workers", None)
-    return repr((d, n_train, n_valid, world, CHECKPOINT_VERSION))
+    return repr((d, n_train, n_valid, world, start, CHECKPOINT_VERSION))
 
 
 def _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen) -> dict[str, Any]:

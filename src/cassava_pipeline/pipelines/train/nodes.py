@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from cassava_pipeline import __version__
 from cassava_pipeline.vision.augment import AugmentOptions
@@ -63,6 +64,7 @@ def _resolve_lr(lr: Any, lr_find_result: dict) -> float | tuple[float, float]:
 def init_model(data_report: dict, model_params: dict[str, Any]) -> dict[str, Any]:
     """Build the model with its pretrained body and a fresh fastai head: the first checkpoint."""
     classes = [c["name"] for c in data_report["classes"]]
+    torch.manual_seed(int(model_params["seed"]))  # the head's initialisation
     model, stats = create_model(
         model_params["arch"],
         len(classes),
