@@ -39,6 +39,7 @@ def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
         "data_report": JSONDataset(filepath=str(out / "data_report.json")),
         "initial_checkpoint": CheckpointDataset(path=str(out / "initial.pt")),
         "lr_find_result": JSONDataset(filepath=str(out / "lr_find.json")),
+        "metrics": JSONDataset(filepath=str(out / "metrics.json")),
     }
     for ns in ("small", "large"):
         datasets[f"{ns}.presized_images"] = ImageShardsDataset(path=str(out / ns))
@@ -69,6 +70,7 @@ def shrink_training(params: dict, *, arch: str = "tf_efficientnet_lite0") -> dic
     params["large"]["presize"]["size"] = 40
     params["runtime"].update(accelerator="cpu", progress=False)
     params["lr_find"]["num_it"] = 12
+    params["tta"]["n"] = 2
     for stage in ("frozen", "unfrozen", "mixup"):
         p = params[stage]["train"]
         p.update(epochs=1, size=32)

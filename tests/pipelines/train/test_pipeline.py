@@ -18,7 +18,13 @@ from tests.pipelines.conftest import make_catalog, shrink_training
 def test_pipeline_shape():
     pipe = register_pipelines()["cassava"]
     names = {n.name for n in pipe.nodes}
-    assert {"frozen.train_stage", "unfrozen.train_stage", "mixup.train_stage", "lr_find"} <= names
+    assert {
+        "frozen.train_stage",
+        "unfrozen.train_stage",
+        "mixup.train_stage",
+        "lr_find",
+        "evaluate",
+    } <= names
     # one node function reused by the three stages
     funcs = {n.func for n in pipe.nodes if n.name.endswith("train_stage")}
     assert len(funcs) == 1
@@ -58,3 +64,11 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
         catalog["unfrozen.checkpoint"].load()["model"][stem], init["model"][stem]
     )
     assert (tmp_path / "out" / "resume" / "mixup" / "last.pt").is_file()
+    metrics = catalog["metrics"].load()
+    assert metrics["stage"] == "mixup" and metrics["tta"] == {
+        "n": 2,
+        "beta": 0.25,
+        "use_max": False,
+    }
+    assert metrics["plain"]["n"] == metrics["with_tta"]["n"] == 3  # 1 validation image per class
+    assert set(metrics["with_tta"]["per_class"]) == {"alpha", "beta", "gamma"}

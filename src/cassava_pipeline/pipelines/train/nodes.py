@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 RECIPE_VERSION = f"cassava-pipeline {__version__}"
 
 
-def _stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) -> StageConfig:
-    aug = AugmentOptions(**{k: v for k, v in p["augment"].items()}, size=int(p["size"]))
+def stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) -> StageConfig:
+    """A stage's parameters (``<stage>.train``) as the frozen dataclass ``vision`` takes."""
+    aug = AugmentOptions(**p["augment"], size=int(p["size"]))
     return StageConfig(
         name=name,
         epochs=int(p["epochs"]),
@@ -104,7 +105,7 @@ def find_lr(
 ) -> dict[str, Any]:
     """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``."""
     options = LrFindOptions(**lr_find_params)
-    cfg = _stage_config("lr_find", stage_params, options.start_lr)
+    cfg = stage_config("lr_find", stage_params, options.start_lr)
     result = lr_find_in_fabric(checkpoint, presized_images, cfg, options, _runtime(runtime_params))
     return result
 
@@ -119,7 +120,7 @@ def train_stage(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """One ``fit_one_cycle`` stage from the previous stage's checkpoint; returns the best epoch."""
     name = str(stage_params["name"])
-    cfg = _stage_config(name, stage_params, _resolve_lr(stage_params["lr"], lr_find_result))
+    cfg = stage_config(name, stage_params, _resolve_lr(stage_params["lr"], lr_find_result))
     logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.augment.size)
     result = train_in_fabric(
         checkpoint, presized_images, cfg, _runtime(runtime_params), checkpoint_dir=resume_dir
