@@ -40,6 +40,7 @@ def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
         "initial_checkpoint": CheckpointDataset(path=str(out / "initial.pt")),
         "lr_find_result": JSONDataset(filepath=str(out / "lr_find.json")),
         "metrics": JSONDataset(filepath=str(out / "metrics.json")),
+        "interpretation": JSONDataset(filepath=str(out / "interpretation.json")),
     }
     for ns in ("small", "large"):
         datasets[f"{ns}.presized_images"] = ImageShardsDataset(path=str(out / ns))

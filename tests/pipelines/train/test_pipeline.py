@@ -72,3 +72,10 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
     }
     assert metrics["plain"]["n"] == metrics["with_tta"]["n"] == 3  # 1 validation image per class
     assert set(metrics["with_tta"]["per_class"]) == {"alpha", "beta", "gamma"}
+    interp = catalog["interpretation"].load()
+    cm = interp["confusion_matrix"]
+    assert len(cm) == 3 and sum(map(sum, cm)) == 3 and interp["predictions"] == "tta"
+    assert len(interp["top_losses"]) == 3 and interp["top_losses"][0]["path"].endswith(".jpg")
+    losses = [t["loss"] for t in interp["top_losses"]]
+    assert losses == sorted(losses, reverse=True)
+    assert sum(c[2] for c in interp["most_confused"]) == 3 - sum(cm[i][i] for i in range(3))

@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from cassava_pipeline.pipelines.train.nodes import stage_config
+from cassava_pipeline.vision.interpret import (
+    classification_report,
+    confusion_matrix,
+    most_confused,
+    top_losses,
+)
 from cassava_pipeline.vision.metrics import classification_metrics
 from cassava_pipeline.vision.run import model_from_checkpoint
 from cassava_pipeline.vision.shards import ShardedImages
@@ -27,8 +35,9 @@ def evaluate(
     stage_params: dict[str, Any],
     tta_params: dict[str, Any],
     runtime_params: dict[str, Any],
-) -> dict[str, Any]:
-    """Validation metrics of the final model, plain and with fastai's TTA (n passes, beta blend).
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Validation metrics of the final model, plain and with fastai's TTA (n passes, beta blend),
+    and the per-image predictions behind them.
 
     The augmentations and image size are the last training stage's.
     """
@@ -54,4 +63,43 @@ def evaluate(
         options.beta,
         ", use_max" if options.use_max else "",
     )
-    return result
+    predictions = pd.DataFrame({"path": valid.index["path"], "actual": out["targets"].numpy()})
+    for kind in ("plain", "tta"):
+        probs = out[kind].numpy()
+        predictions[f"predicted_{kind}"] = probs.argmax(1)
+        for i in range(probs.shape[1]):
+            predictions[f"p_{kind}_{i}"] = probs[:, i]
+    return result, predictions
+
+
+def _probs(predictions: pd.DataFrame, kind: str, n_classes: int) -> np.ndarray:
+    return predictions[[f"p_{kind}_{i}" for i in range(n_classes)]].to_numpy()
+
+
+def interpret(
+    predictions: pd.DataFrame, checkpoint: dict[str, Any], params: dict[str, Any]
+) -> dict[str, Any]:
+    """fastai's ClassificationInterpretation of the validation predictions (TTA or plain)."""
+    classes = list(checkpoint["classes"])
+    kind = str(params["predictions"])
+    probs = _probs(predictions, kind, len(classes))
+    targets = predictions["actual"].to_numpy()
+    top = top_losses(probs, targets, int(params["top_k"]))
+    for row in top:
+        row["path"] = str(predictions["path"].iat[row["index"]])
+        row["predicted"] = classes[row["predicted"]]
+        row["actual"] = classes[row["actual"]]
+    confused = most_confused(probs, targets, classes, int(params["min_val"]))
+    for actual, predicted, count in confused[:10]:
+        logger.info("most confused: %s -> %s: %d", actual, predicted, count)
+    return {
+        "predictions": kind,
+        "classes": classes,
+        "confusion_matrix": confusion_matrix(probs, targets, len(classes)).tolist(),
+        "confusion_matrix_normalized": confusion_matrix(
+            probs, targets, len(classes), normalize=True
+        ).tolist(),
+        "most_confused": [list(c) for c in confused],
+        "top_losses": top,
+        "classification_report": classification_report(probs, targets, classes),
+    }

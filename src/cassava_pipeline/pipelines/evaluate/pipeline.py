@@ -1,8 +1,9 @@
-"""evaluate: the final (mixup) checkpoint on the validation side of the large presize."""
+"""evaluate: the final (mixup) checkpoint on the validation side of the large presize, then
+fastai's ClassificationInterpretation of its predictions."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import evaluate
+from .nodes import evaluate, interpret
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -18,8 +19,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:tta",
                     "params:runtime",
                 ],
-                "metrics",
+                ["metrics", "validation_predictions"],
                 name="evaluate",
-            )
+            ),
+            Node(
+                interpret,
+                ["validation_predictions", "mixup.checkpoint", "params:interpret"],
+                "interpretation",
+                name="interpret",
+            ),
         ]
     )
