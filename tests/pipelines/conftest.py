@@ -9,6 +9,7 @@ import pytest
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro_datasets.json import JSONDataset
+from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset
 
 from cassava_pipeline.datasets import CheckpointDataset, ImageShardsDataset, WorkDirDataset
@@ -31,6 +32,9 @@ def params(base_params) -> dict:
     return p
 
 
+PLOTS = ("confusion_matrix", "top_losses", "training_curves", "lr_find", "show_batch")
+
+
 def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
     """An in-memory catalog: raw folder and parameters in; shards, checkpoints under ``out``."""
     datasets = {
@@ -41,6 +45,12 @@ def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
         "lr_find_result": JSONDataset(filepath=str(out / "lr_find.json")),
         "metrics": JSONDataset(filepath=str(out / "metrics.json")),
         "interpretation": JSONDataset(filepath=str(out / "interpretation.json")),
+        **{
+            f"{name}_plot": MatplotlibDataset(
+                filepath=str(out / f"{name}.png"), save_args={"dpi": 100}
+            )
+            for name in PLOTS
+        },
     }
     for ns in ("small", "large"):
         datasets[f"{ns}.presized_images"] = ImageShardsDataset(path=str(out / ns))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from kedro.runner import SequentialRunner
+from PIL import Image
 
 from cassava_pipeline.pipeline_registry import register_pipelines
 from cassava_pipeline.pipelines.train.pipeline import STAGES
@@ -79,3 +81,17 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
     losses = [t["loss"] for t in interp["top_losses"]]
     assert losses == sorted(losses, reverse=True)
     assert sum(c[2] for c in interp["most_confused"]) == 3 - sum(cm[i][i] for i in range(3))
+    # every figure saved, non-empty, of its size in pixels (figsize * 100 dpi)
+    expected = {
+        "confusion_matrix": (1200, 550),
+        "top_losses": (1200, 400),  # 3 images: one row of 3
+        "training_curves": (1200, 450),
+        "lr_find": (600, 400),
+        "show_batch": (1200, 1200),  # 9 images: 3 rows of 3
+    }
+    for name, size in expected.items():
+        path = tmp_path / "out" / f"{name}.png"
+        assert path.stat().st_size > 5_000, name
+        with Image.open(path) as im:
+            assert im.size == size, name
+            assert np.asarray(im.convert("L")).std() > 5, name  # not a blank canvas

@@ -8,8 +8,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from cassava_pipeline.pipelines.train.nodes import stage_config
+from cassava_pipeline.vision.augment import BatchAugment
+from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.interpret import (
     classification_report,
     confusion_matrix,
@@ -17,6 +20,13 @@ from cassava_pipeline.vision.interpret import (
     top_losses,
 )
 from cassava_pipeline.vision.metrics import classification_metrics
+from cassava_pipeline.vision.plots import (
+    confusion_figure,
+    curves_figure,
+    image_grid,
+    lr_find_figure,
+    short_name,
+)
 from cassava_pipeline.vision.run import model_from_checkpoint
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions, tta
@@ -103,3 +113,56 @@ def interpret(
         "top_losses": top,
         "classification_report": classification_report(probs, targets, classes),
     }
+
+
+def _show_batch(images: ShardedImages, cfg, stats, classes, n: int, seed: int) -> list:
+    """The first ``n`` training images as the model sees them: augmented, then denormalised."""
+    items = CroppedItems(images, train=True, seed=seed)
+    batch = [items[(0, i)] for i in range(min(n, len(images)))]
+    x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
+    aug = BatchAugment(cfg.augment, stats.mean, stats.std)
+    out = aug(x, train=True, generator=torch.Generator().manual_seed(seed))
+    mean = torch.tensor(stats.mean).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std).view(1, 3, 1, 1)
+    pixels = ((out * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return list(pixels), [classes[b[1]] for b in batch]
+
+
+def plot_report(
+    interpretation: dict[str, Any],
+    presized_images: ShardedImages,
+    checkpoint: dict[str, Any],
+    lr_find_result: dict[str, Any],
+    frozen_history: pd.DataFrame,
+    unfrozen_history: pd.DataFrame,
+    mixup_history: pd.DataFrame,
+    stage_params: dict[str, Any],
+    params: dict[str, Any],
+) -> tuple[Figure, Figure, Figure, Figure, Figure]:
+    """Confusion matrix, top losses, training curves, lr_find and show_batch figures."""
+    classes = interpretation["classes"]
+    confusion = confusion_figure(interpretation["confusion_matrix"], classes)
+    _, valid = presized_images.split()
+    position = {p: i for i, p in enumerate(valid.index["path"])}
+    crops = CroppedItems(valid, train=False, seed=0)
+    top = interpretation["top_losses"]
+    losses = image_grid(
+        [crops[(0, position[t["path"]])][0] for t in top],
+        [
+            f"{short_name(t['predicted'])}/{short_name(t['actual'])} / {t['loss']:.2f} / "
+            f"{t['probability']:.2f}"
+            for t in top
+        ],
+        title="Prediction/Actual/Loss/Probability",
+    )
+    history = pd.concat([frozen_history, unfrozen_history, mixup_history], ignore_index=True)
+    curves = curves_figure(history)
+    lr_plot = lr_find_figure(
+        lr_find_result["lrs"], lr_find_result["losses"], lr_find_result["suggestion"]
+    )
+    cfg = stage_config("show_batch", stage_params, 0.0)
+    train, _ = presized_images.split()
+    _, stats = model_from_checkpoint(checkpoint)
+    imgs, labels = _show_batch(train, cfg, stats, classes, int(params["show_batch"]), cfg.seed)
+    batch = image_grid(imgs, [short_name(c) for c in labels], title="show_batch (augmented)")
+    return confusion, losses, curves, lr_plot, batch

@@ -3,7 +3,7 @@ fastai's ClassificationInterpretation of its predictions."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import evaluate, interpret
+from .nodes import evaluate, interpret, plot_report
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -27,6 +27,28 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["validation_predictions", "mixup.checkpoint", "params:interpret"],
                 "interpretation",
                 name="interpret",
+            ),
+            Node(
+                plot_report,
+                [
+                    "interpretation",
+                    "large.presized_images",
+                    "mixup.checkpoint",
+                    "lr_find_result",
+                    "frozen.history",
+                    "unfrozen.history",
+                    "mixup.history",
+                    "params:mixup.train",
+                    "params:interpret",
+                ],
+                [
+                    "confusion_matrix_plot",
+                    "top_losses_plot",
+                    "training_curves_plot",
+                    "lr_find_plot",
+                    "show_batch_plot",
+                ],
+                name="plot_report",
             ),
         ]
     )
