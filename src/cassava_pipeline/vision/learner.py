@@ -227,9 +227,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=f.device)  # loss, correct, count
         for batch_x, batch_y in loader:
             images, labels = batch_x.to(f.device, non_blocking=True), batch_y.to(f.device)
-            x = augment(images, train=False)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _model_input(augment, images, cfg, train=False)
             with f.autocast():
                 logits = self.model(x)
             loss = _loss(logits, labels, cfg.label_smoothing, reduction="sum")
@@ -342,9 +340,7 @@ class Trainer:
                 if i >= n_batches:
                     break
                 images, labels = batch_x.to(f.device, non_blocking=True), batch_y.to(f.device)
-                x = augment(images, train=True, generator=gen)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _model_input(augment, images, cfg, train=True, generator=gen)
                 last = (i + 1) % cfg.grad_accum == 0
                 with f.no_backward_sync(model, enabled=not last), f.autocast():
                     if cfg.mixup > 0:
@@ -448,9 +444,7 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 images, labels = batch_x.to(f.device), batch_y.to(f.device)
-                x = augment(images, train=True, generator=gen)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _model_input(augment, images, cfg, train=True, generator=gen)
                 with f.autocast():
                     loss = _loss(model(x), labels, cfg.label_smoothing)
                 f.backward(loss)
@@ -471,6 +465,19 @@ class Trainer:
         suggestion = suggest_valley(lrs, losses, options.num_it)
         logger.info("lr_find: %d steps, suggested lr (valley) %.3g", len(lrs), suggestion)
         return {"lrs": lrs, "losses": losses, "suggestion": suggestion, "num_it": options.num_it}
+
+
+def _model_input(
+    augment: BatchAugment,
+    images: torch.Tensor,
+    cfg: StageConfig,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Augment (or only resize) a uint8 batch and lay it out as the model expects."""
+    x = augment(images, train=train, generator=generator)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
 def _sync_buffers(fabric, model: nn.Module) -> None:

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from cassava_pipeline.pipelines.train.nodes import stage_config
 from cassava_pipeline.vision.augment import BatchAugment
-from cassava_pipeline.vision.data import CroppedItems
+from cassava_pipeline.vision.data import CroppedItems, collate_nhwc
 from cassava_pipeline.vision.interpret import (
     classification_report,
     confusion_matrix,
@@ -118,14 +118,13 @@ def interpret(
 def _show_batch(images: ShardedImages, cfg, stats, classes, n: int, seed: int) -> list:
     """The first ``n`` training images as the model sees them: augmented, then denormalised."""
     items = CroppedItems(images, train=True, seed=seed)
-    batch = [items[(0, i)] for i in range(min(n, len(images)))]
-    x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
+    x, labels = collate_nhwc([items[(0, i)] for i in range(min(n, len(images)))])
     aug = BatchAugment(cfg.augment, stats.mean, stats.std)
     out = aug(x, train=True, generator=torch.Generator().manual_seed(seed))
     mean = torch.tensor(stats.mean).view(1, 3, 1, 1)
     std = torch.tensor(stats.std).view(1, 3, 1, 1)
     pixels = ((out * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return list(pixels), [classes[b[1]] for b in batch]
+    return list(pixels), [classes[i] for i in labels.tolist()]
 
 
 def plot_report(
