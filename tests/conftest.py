@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
-from tests.images import write_jpeg
+from tests.images import gradient_rgb, jpeg_bytes, write_jpeg
 
 
 @pytest.fixture
@@ -25,4 +28,27 @@ def kaggle_dir(tmp_path: Path) -> Path:
     (root / "label_num_to_disease_map.json").write_text(
         json.dumps({"0": "alpha", "1": "beta", "2": "gamma"})
     )
+    return root
+
+
+def png_bytes(arr: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def test_images(tmp_path: Path) -> Path:
+    """Kaggle's test_images/: JPEGs, an RGBA PNG, a palette PNG and four unusable files."""
+    root = tmp_path / "test_images"
+    for i in range(3):
+        write_jpeg(root / f"{i}.jpg", w=52, h=44, seed=i)
+    (root / "rgba.png").write_bytes(png_bytes(gradient_rgb(44, 52, 7), "RGBA"))
+    (root / "palette.png").write_bytes(png_bytes(gradient_rgb(60, 40, 8), "P"))
+    good = jpeg_bytes(gradient_rgb(52, 44, 9))
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 20)
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".DS_Store").write_bytes(b"hidden")
     return root

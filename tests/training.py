@@ -10,6 +10,7 @@ import torch
 
 from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
+from cassava_pipeline.vision.export import ExportedModel, export_checkpoint
 from cassava_pipeline.vision.ingest import IngestOptions, ingest
 from cassava_pipeline.vision.layouts import FolderLayout
 from cassava_pipeline.vision.learner import StageConfig
@@ -45,6 +46,15 @@ def tiny_shards(tmp: Path, presize: int = 40, per_class: int = 12) -> ShardedIma
         tmp / "shards",
     )
     return ShardedImages(tmp / "shards")
+
+
+AUG = AugmentOptions(size=32, min_scale=0.75)
+
+
+def exported(presize: int = 40) -> ExportedModel:
+    """A self-describing resnet18 (random weights) for the three test classes."""
+    ckpt = {**initial_checkpoint("resnet18"), "recipe_version": "test 1", "stage": "mixup"}
+    return export_checkpoint(ckpt, class_ids=["0", "1", "2"], augment=AUG, presize=presize)
 
 
 def initial_checkpoint(arch: str = "resnet18", n_classes: int = 3, seed: int = 0) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from cassava_pipeline.pipelines import evaluate, ingest, presize, sample_data, train
+from cassava_pipeline.pipelines import evaluate, ingest, predict, presize, sample_data, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -14,7 +14,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     command line, and ``cassava`` and ``data`` are compositions of several folders.
     ``data`` is the data half of the recipe (a DVC stage), ``train`` the training half,
     ``evaluate`` the TTA evaluation;
-    ``cassava`` is the whole recipe and the default; ``sample_data`` draws the embedded sample.
+    ``cassava`` is the whole recipe and the default; ``cassava_predict`` predicts a folder of new
+    images with the exported model; ``sample_data`` draws the embedded sample.
     """
     data = ingest.create_pipeline() + presize.create_pipeline()
     training = train.create_pipeline()
@@ -27,5 +28,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         "train": training,
         "evaluate": evaluation,
         "cassava": data + training + evaluation,
+        "cassava_predict": predict.create_pipeline(),
         "__default__": data + training + evaluation,
     }

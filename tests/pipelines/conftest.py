@@ -12,7 +12,12 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset
 
-from cassava_pipeline.datasets import CheckpointDataset, ImageShardsDataset, WorkDirDataset
+from cassava_pipeline.datasets import (
+    CheckpointDataset,
+    ExportedModelDataset,
+    ImageShardsDataset,
+    WorkDirDataset,
+)
 from tests.images import REPO
 
 
@@ -35,10 +40,19 @@ def params(base_params) -> dict:
 PLOTS = ("confusion_matrix", "top_losses", "training_curves", "lr_find", "show_batch")
 
 
-def make_catalog(raw: Path, params: dict, out: Path) -> DataCatalog:
+def make_catalog(
+    raw: Path, params: dict, out: Path, predict_folder: Path | None = None
+) -> DataCatalog:
     """An in-memory catalog: raw folder and parameters in; shards, checkpoints under ``out``."""
     datasets = {
         "raw_images": MemoryDataset(raw, copy_mode="assign"),
+        "predict_images": MemoryDataset(predict_folder, copy_mode="assign"),
+        "exported_model": ExportedModelDataset(path=str(out / "model.safetensors")),
+        "submission": CSVDataset(filepath=str(out / "submission.csv"), save_args={"index": False}),
+        "test_predictions": CSVDataset(
+            filepath=str(out / "test_predictions.csv"), save_args={"index": False}
+        ),
+        "predict_report": JSONDataset(filepath=str(out / "predict_report.json")),
         # On disk, as in the project's catalog: the report must survive a stopped run.
         "data_report": JSONDataset(filepath=str(out / "data_report.json")),
         "initial_checkpoint": CheckpointDataset(path=str(out / "initial.pt")),

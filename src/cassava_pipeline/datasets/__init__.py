@@ -1,7 +1,15 @@
-"""Kedro datasets: raw image folders, presized image shards, checkpoints, working folders."""
+"""Kedro datasets: raw image folders, presized image shards, checkpoints, the exported model,
+working folders."""
 
 from .checkpoint import CheckpointDataset, WorkDirDataset
 from .image_root import ImageRootDataset
+from .model import ExportedModelDataset
 from .shards import ImageShardsDataset
 
-__all__ = ["CheckpointDataset", "ImageRootDataset", "ImageShardsDataset", "WorkDirDataset"]
+__all__ = [
+    "CheckpointDataset",
+    "ExportedModelDataset",
+    "ImageRootDataset",
+    "ImageShardsDataset",
+    "WorkDirDataset",
+]

@@ -152,6 +152,31 @@ def _int32_to_uint8(im: Image.Image) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
+def decode_rgb_sized(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`decode_rgb`, plus the image's full (width, height) after EXIF orientation.
+
+    With DCT scaling the array is smaller than the image; the full size is what ingest records
+    and what presize computes its output size from.
+    """
+    im = _open(data, max_pixels)
+    width, height = im.size
+    if min_side is not None and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+        scale = min(im.size) / min_side
+        im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
+    _load(im)
+    orientation = _orientation(im)
+    if orientation in _ROTATED_ORIENTATIONS:
+        width, height = height, width
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    return to_rgb_array(im), (width, height)
+
+
 def decode_rgb(
     data: bytes,
     *,
@@ -163,15 +188,7 @@ def decode_rgb(
     ``min_side``: when given, a JPEG whose shorter side is at least twice this is decoded at a
     reduced scale (DCT scaling: 1/2, 1/4 or 1/8) that still leaves the shorter side >= min_side.
     """
-    im = _open(data, max_pixels)
-    if min_side is not None and im.format == "JPEG" and min(im.size) >= 2 * min_side:
-        scale = min(im.size) / min_side
-        im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
-    _load(im)
-    orientation = _orientation(im)
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-    return to_rgb_array(im)
+    return decode_rgb_sized(data, max_pixels=max_pixels, min_side=min_side)[0]
 
 
 def read_bytes(path: str) -> bytes:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, read_bytes
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, decode_rgb_sized, read_bytes
 from .parallel import chunked, ordered_map, resolve_workers
 
 SHARD_FORMAT = "cassava-pipeline/shards-v1"
@@ -92,6 +92,20 @@ def resize_shorter(image: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
         chw, [out_h, out_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
     )
     return out.permute(1, 2, 0).contiguous().numpy()
+
+
+def presize_bytes(
+    data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True
+) -> np.ndarray:
+    """Decode and presize one image held in memory, exactly as :func:`write_shards` would.
+
+    Prediction uses it on images that were never ingested: the output size comes from the
+    image's own (oriented) size, as ingest would have recorded it.
+    """
+    img, (width, height) = decode_rgb_sized(
+        data, max_pixels=max_pixels, min_side=size if draft else None
+    )
+    return resize_shorter(img, *target_size(width, height, size))
 
 
 def plan_sizes(manifest: pd.DataFrame, size: int) -> pd.DataFrame:

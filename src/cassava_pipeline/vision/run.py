@@ -37,6 +37,12 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[torch.nn.Sequenti
     return model, Stats(tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
 
 
+def inference_device(accelerator: str) -> torch.device:
+    """Where a single-process prediction runs: CUDA when asked for (or auto) and present."""
+    wants_cuda = accelerator in ("auto", "cuda", "gpu")
+    return torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+
+
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -78,6 +78,15 @@ def sample_table(options: SampleOptions) -> pd.DataFrame:
             seen.add(i)
             ids.append(i)
     return pd.DataFrame({"image_id": [f"{i}.jpg" for i in ids], "label": labels})
+
+
+def test_table(options: SampleOptions, n: int) -> pd.DataFrame:
+    """Unlabeled images for ``test_images/`` (Kaggle's hidden test set): ``n`` images drawn from
+    their own random stream (seed + 1), so they never repeat a training image; their labels,
+    which Kaggle keeps hidden, are returned for evaluation but written nowhere by the pipeline."""
+    taken = set(sample_table(options)["image_id"])
+    table = sample_table(replace(options, n_images=n, seed=options.seed + 1))
+    return table[~table["image_id"].isin(taken)].reset_index(drop=True)
 
 
 def label_map(n_classes: int = 5) -> dict[str, str]:

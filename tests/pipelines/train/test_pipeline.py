@@ -26,7 +26,9 @@ def test_pipeline_shape():
         "mixup.train_stage",
         "lr_find",
         "evaluate",
+        "export_model",
     } <= names
+    assert [n.name for n in register_pipelines()["cassava_predict"].nodes] == ["predict_images"]
     # one node function reused by the three stages
     funcs = {n.func for n in pipe.nodes if n.name.endswith("train_stage")}
     assert len(funcs) == 1
@@ -37,7 +39,9 @@ def test_pipeline_shape():
 @pytest.mark.slow
 def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
     params = shrink_training(params)
-    catalog = make_catalog(kaggle_dir, params, tmp_path / "out")
+    catalog = make_catalog(
+        kaggle_dir, params, tmp_path / "out", predict_folder=kaggle_dir / "train_images"
+    )
     SequentialRunner().run(register_pipelines()["cassava"], catalog)
 
     lr = catalog["lr_find_result"].load()
@@ -95,3 +99,12 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
         with Image.open(path) as im:
             assert im.size == size, name
             assert np.asarray(im.convert("L")).std() > 5, name  # not a blank canvas
+
+    # the exported model describes itself, and cassava_predict uses it on a folder
+    card = catalog["exported_model"].load().card
+    assert (card.stage, card.image_size, card.presize) == ("mixup", 32, 40)
+    assert card.classes == ("alpha", "beta", "gamma") and card.class_ids == ("0", "1", "2")
+    assert card.mean == (0.5, 0.5, 0.5) and card.arch == "tf_efficientnet_lite0"
+    SequentialRunner().run(register_pipelines()["cassava_predict"], catalog)
+    submission = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert len(submission) == 18 and set(submission["label"]) <= {0, 1, 2}

@@ -27,16 +27,11 @@ from cassava_pipeline.vision.plots import (
     lr_find_figure,
     short_name,
 )
-from cassava_pipeline.vision.run import model_from_checkpoint
+from cassava_pipeline.vision.run import inference_device, model_from_checkpoint
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions, tta
 
 logger = logging.getLogger(__name__)
-
-
-def _device(runtime: dict[str, Any]) -> torch.device:
-    wants_cuda = runtime["accelerator"] in ("auto", "cuda", "gpu")
-    return torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
 
 
 def evaluate(
@@ -55,7 +50,15 @@ def evaluate(
     options = TtaOptions(**tta_params)
     model, stats = model_from_checkpoint(checkpoint)
     _, valid = presized_images.split()
-    out = tta(model, valid, stats, cfg.augment, cfg.loader, options, device=_device(runtime_params))
+    out = tta(
+        model,
+        valid,
+        stats,
+        cfg.augment,
+        cfg.loader,
+        options,
+        device=inference_device(runtime_params["accelerator"]),
+    )
     classes = checkpoint["classes"]
     result = {
         "stage": checkpoint["stage"],

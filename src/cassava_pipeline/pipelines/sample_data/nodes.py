@@ -3,23 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 from PIL import Image
 
-from cassava_pipeline.vision.sample import SampleOptions, label_map, lazy_images, sample_table
+from cassava_pipeline.vision.sample import (
+    SampleOptions,
+    label_map,
+    lazy_images,
+    sample_table,
+    test_table,
+)
+
+LazyImages = dict[str, Callable[[], Image.Image]]
 
 
 def generate_sample(
     params: dict[str, Any],
-) -> tuple[pd.DataFrame, dict[str, str], dict[str, Callable[[], Image.Image]]]:
-    """Kaggle's train.csv, label map and lazily drawn train_images/ for the synthetic sample."""
+) -> tuple[pd.DataFrame, dict[str, str], LazyImages, pd.DataFrame, LazyImages]:
+    """Kaggle's layout for the synthetic sample: train.csv, the label map, train_images/, and
+    sample_submission.csv with its unlabeled test_images/ (for ``cassava_predict``)."""
     fractions = params.get("class_fractions")
     options = SampleOptions(
-        **{k: v for k, v in params.items() if k not in ("class_fractions", "workers")},
+        **{
+            k: v
+            for k, v in params.items()
+            if k not in ("class_fractions", "workers", "n_test_images")
+        },
         **({"class_fractions": tuple(fractions)} if fractions else {}),
     )
+    workers = int(params.get("workers", 0))
     table = sample_table(options)
-    images = lazy_images(table, options, workers=int(params.get("workers", 0)))
-    return table, label_map(len(options.class_fractions)), images
+    images = lazy_images(table, options, workers=workers)
+    test = test_table(options, int(params.get("n_test_images", 0)))
+    test_images = lazy_images(test, replace(options, seed=options.seed + 1), workers=workers)
+    # Kaggle's sample_submission.csv: every test image with the majority label as a placeholder.
+    submission = pd.DataFrame({"image_id": test["image_id"], "label": 3})
+    return table, label_map(len(options.class_fractions)), images, submission, test_images

@@ -12,6 +12,8 @@ import torch
 from cassava_pipeline import __version__
 from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
+from cassava_pipeline.vision.export import ExportedModel, export_checkpoint
+from cassava_pipeline.vision.images import DEFAULT_MAX_PIXELS
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
 from cassava_pipeline.vision.models import create_model
 from cassava_pipeline.vision.run import lr_find_in_fabric, train_in_fabric
@@ -137,3 +139,37 @@ def train_stage(
         "model": result.state_dict,
     }
     return out, pd.DataFrame(result.history)
+
+
+def export_model(
+    checkpoint: dict[str, Any],
+    data_report: dict[str, Any],
+    stage_params: dict[str, Any],
+    presize_params: dict[str, Any],
+) -> ExportedModel:
+    """The final checkpoint as a self-describing safetensors model (``vision.export``)."""
+    cfg = stage_config("export", stage_params, 0.0)
+    class_ids = [str(c.get("source_id") or c["name"]) for c in data_report["classes"]]
+    exported = export_checkpoint(
+        checkpoint,
+        class_ids=class_ids,
+        augment=cfg.augment,
+        presize=int(checkpoint.get("presize", presize_params["size"])),
+        jpeg_draft=bool(presize_params.get("jpeg_draft", True)),
+        max_image_pixels=int(presize_params.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+        extra={
+            "best_epoch": checkpoint.get("best_epoch"),
+            "best_metric": checkpoint.get("best_metric"),
+            "monitor": checkpoint.get("monitor"),
+            "n_images": data_report.get("n_images"),
+        },
+    )
+    logger.info(
+        "exported %s (%s stage): %d classes, presize %d, size %d",
+        exported.card.arch,
+        exported.card.stage,
+        len(exported.card.classes),
+        exported.card.presize,
+        exported.card.image_size,
+    )
+    return exported

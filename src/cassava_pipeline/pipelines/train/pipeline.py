@@ -3,11 +3,13 @@
 frozen   (presize ``small``): head only, ``lr: auto`` takes lr_find's suggestion;
 unfrozen (presize ``large``): everything, discriminative rates, from frozen's checkpoint;
 mixup    (presize ``large``): as unfrozen with MixUp, keeping the best epoch by accuracy.
+
+The last stage's best epoch is then exported as a self-describing model (``exported_model``).
 """
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import find_lr, init_model, train_stage
+from .nodes import export_model, find_lr, init_model, train_stage
 
 # namespace -> (presized images it trains on, checkpoint it starts from)
 STAGES = {
@@ -72,4 +74,20 @@ def create_pipeline(**kwargs) -> Pipeline:
         )
         for ns, (images, start) in STAGES.items()
     ]
-    return setup + sum(stages, Pipeline([]))
+    final, (final_images, _) = list(STAGES.items())[-1]
+    export = Pipeline(
+        [
+            Node(
+                export_model,
+                [
+                    f"{final}.checkpoint",
+                    "data_report",
+                    f"params:{final}.train",
+                    f"params:{final_images.split('.')[0]}.presize",
+                ],
+                "exported_model",
+                name="export_model",
+            )
+        ]
+    )
+    return setup + sum(stages, Pipeline([])) + export

@@ -1,0 +1,172 @@
+"""A self-describing model file: safetensors weights plus a JSON model card in its header.
+
+The card holds everything needed to rebuild the network and feed it images the way it was
+trained: architecture and head, class names and the source's label ids (Kaggle's 0..4),
+normalisation statistics, presize and image size, the augmentations TTA replays, and the recipe
+version. Loading reads tensors and JSON only: safetensors cannot hold code, so loading a model
+never unpickles anything (unlike ``torch.load`` of a pickled module).
+
+    from cassava_pipeline.vision.export import load_exported
+    model, card = load_exported("data/06_models/model.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .augment import AugmentOptions
+from .images import DEFAULT_MAX_PIXELS
+from .models import Stats, create_model
+
+MODEL_FORMAT = "cassava-pipeline/model-v1"
+_FORMAT_KEY = "format"
+_CARD_KEY = "model_card"
+
+
+class ExportError(ValueError):
+    """A file that is not a model this package exported; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model file says about itself."""
+
+    arch: str  # timm or torchvision architecture of the body
+    classes: tuple[str, ...]  # class names in output order
+    class_ids: tuple[str, ...]  # the source's label for each class (Kaggle's "0".."4")
+    mean: tuple[float, float, float]  # normalisation of [0, 1] pixels, per channel
+    std: tuple[float, float, float]
+    image_size: int  # side of the square the model sees (the last stage's aug size)
+    presize: int  # shorter side images are resized to first (the last stage's presize)
+    recipe_version: str
+    hidden: int = 512  # fastai head
+    ps: float = 0.5
+    concat_pool: bool = True
+    jpeg_draft: bool = True  # presize decoded large JPEGs with DCT scaling
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    augment: dict[str, Any] = field(default_factory=dict)  # AugmentOptions replayed by TTA
+    stage: str = ""  # the training stage the weights come from
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (data hash, epochs, ...)
+
+    @property
+    def stats(self) -> Stats:
+        return Stats(tuple(self.mean), tuple(self.std))
+
+    def augment_options(self) -> AugmentOptions:
+        """The training augmentations at ``image_size`` (TTA's transforms, and the resize)."""
+        return AugmentOptions(**{**self.augment, "size": self.image_size})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        d = json.loads(text)
+        for key in ("classes", "class_ids", "mean", "std"):
+            d[key] = tuple(d[key])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ExportError(f"model card has unknown fields {unknown}; upgrade cassava-pipeline")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A model card and the weights (a flat dict of tensors) of ``nn.Sequential(body, head)``."""
+
+    card: ModelCard
+    weights: dict[str, torch.Tensor]
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.weights.items()}
+        return st_save(
+            tensors, metadata={_FORMAT_KEY: MODEL_FORMAT, _CARD_KEY: self.card.to_json()}
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "model") -> ExportedModel:
+        card = read_card(data, source=source)
+        return cls(card, st_load(data))
+
+    def build(self) -> torch.nn.Sequential:
+        """The network with these weights, in eval mode (no download: weights ``none``)."""
+        c = self.card
+        model, _ = create_model(
+            c.arch, len(c.classes), "none", hidden=c.hidden, ps=c.ps, concat_pool=c.concat_pool
+        )
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+
+def _header(data: bytes, source: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ExportError(f"{source} is not a safetensors file ({len(data)} bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ExportError(f"{source} is not a safetensors file (bad header length {n})")
+    try:
+        return json.loads(data[8 : 8 + n])
+    except ValueError as e:
+        raise ExportError(f"{source} is not a safetensors file ({e})") from e
+
+
+def read_card(data: bytes, *, source: str = "model") -> ModelCard:
+    """The model card of a model file's bytes, without loading the weights."""
+    meta = _header(data, source).get("__metadata__") or {}
+    if meta.get(_FORMAT_KEY) != MODEL_FORMAT:
+        raise ExportError(
+            f"{source} is format {meta.get(_FORMAT_KEY)!r}, expected {MODEL_FORMAT!r}: "
+            "export it with `kedro run --pipeline=cassava` (node export_model)"
+        )
+    return ModelCard.from_json(meta[_CARD_KEY])
+
+
+def export_checkpoint(
+    checkpoint: dict[str, Any],
+    *,
+    class_ids: list[str],
+    augment: AugmentOptions,
+    presize: int,
+    jpeg_draft: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    extra: dict[str, Any] | None = None,
+) -> ExportedModel:
+    """Turn a training checkpoint (see ``init_model``) into a self-describing model."""
+    opts = asdict(augment)
+    size = int(opts.pop("size"))
+    card = ModelCard(
+        arch=str(checkpoint["arch"]),
+        classes=tuple(checkpoint["classes"]),
+        class_ids=tuple(str(c) for c in class_ids),
+        mean=tuple(float(v) for v in checkpoint["mean"]),
+        std=tuple(float(v) for v in checkpoint["std"]),
+        image_size=size,
+        presize=int(presize),
+        recipe_version=str(checkpoint["recipe_version"]),
+        hidden=int(checkpoint["hidden"]),
+        ps=float(checkpoint["ps"]),
+        concat_pool=bool(checkpoint["concat_pool"]),
+        jpeg_draft=bool(jpeg_draft),
+        max_image_pixels=int(max_image_pixels),
+        augment=opts,
+        stage=str(checkpoint.get("stage", "")),
+        extra=dict(extra or {}),
+    )
+    if len(card.class_ids) != len(card.classes):
+        raise ExportError(f"{len(card.class_ids)} class ids for {len(card.classes)} classes")
+    return ExportedModel(card, dict(checkpoint["model"]))
+
+
+def load_exported(path: str | Path) -> tuple[torch.nn.Sequential, ModelCard]:
+    """The network (eval mode) and the card of a model file."""
+    path = Path(path)
+    exported = ExportedModel.from_bytes(path.read_bytes(), source=str(path))
+    return exported.build(), exported.card

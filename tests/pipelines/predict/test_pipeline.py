@@ -1,0 +1,46 @@
+"""cassava_predict: a folder of new images in, Kaggle's submission and a report out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from kedro.runner import SequentialRunner
+
+from cassava_pipeline.pipeline_registry import register_pipelines
+from tests.pipelines.conftest import make_catalog
+from tests.training import exported
+
+
+def test_predict_pipeline_skips_unreadable_images(test_images: Path, params, tmp_path: Path):
+    out = tmp_path / "out"
+    params["runtime"]["accelerator"] = "cpu"
+    params["tta"]["n"] = 2
+    params["predict"]["workers"] = 1
+    catalog = make_catalog(tmp_path / "unused", params, out, predict_folder=test_images)
+    catalog["exported_model"].save(exported())
+    SequentialRunner().run(register_pipelines()["cassava_predict"], catalog)
+
+    submission = pd.read_csv(out / "submission.csv", dtype=str)
+    assert list(submission.columns) == ["image_id", "label"]
+    assert submission["image_id"].tolist() == [
+        "0.jpg",
+        "1.jpg",
+        "2.jpg",
+        "palette.png",
+        "rgba.png",
+    ]
+    assert submission["label"].isin(["0", "1", "2"]).all()
+    probs = pd.read_csv(out / "test_predictions.csv")
+    p = probs[["p_0", "p_1", "p_2"]].to_numpy()
+    assert abs(p.sum(1) - 1).max() < 1e-5
+    assert (p.argmax(1).astype(str) == submission["label"].to_numpy()).all()
+    report = json.loads((out / "predict_report.json").read_text())
+    assert (report["n_files"], report["n_predicted"], report["n_skipped"]) == (9, 5, 4)
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert skipped["corrupt.jpg"].startswith(("corrupt image", "truncated image", "not an image"))
+    assert skipped["empty.jpg"].startswith("empty file")
+    assert report["tta"] == {"n": 2, "beta": 0.25}
+    assert sum(report["predicted_counts"].values()) == 5
+    assert report["model"]["arch"] == "resnet18"
