@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RAW_SAMPLE := data/01_raw/cassava_sample
 
-.PHONY: run test lint format sample viz lock clean-env
+.PHONY: run test lint format sample viz notebook lock clean-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ format: $(VENV)/.installed-dev
 
 viz: $(VENV)/.installed
 	$(BIN)/kedro viz run
+
+# JupyterLab on the project's .venv (dev lock); the notebook loads the catalog with kedro.ipython.
+notebook: $(VENV)/.installed-dev conf/local/credentials.yml
+	$(BIN)/jupyter lab notebooks/cassava.ipynb
 
 # Regenerate the lock files after changing pyproject.toml: resolve in throw-away environments
 # (with constraints.txt) and freeze them, so the locks list exactly what pip installed.

@@ -15,7 +15,12 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
+
+from .augment import AugmentOptions, BatchAugment
+from .data import CroppedItems, collate_nhwc
+from .models import Stats
 
 DPI = 100
 
@@ -107,3 +112,18 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: fl
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def augmented_batch(
+    images, augment: AugmentOptions, stats: Stats, n: int, seed: int
+) -> tuple[list[np.ndarray], list[int]]:
+    """fastai's ``show_batch``: the first ``n`` training images as the model sees them
+    (random crop and augmentations of epoch 0), denormalised to uint8 HxWx3, and their labels."""
+    items = CroppedItems(images, train=True, seed=seed)
+    x, labels = collate_nhwc([items[(0, i)] for i in range(min(n, len(images)))])
+    aug = BatchAugment(augment, stats.mean, stats.std)
+    out = aug(x, train=True, generator=torch.Generator().manual_seed(seed))
+    mean = torch.tensor(stats.mean).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std).view(1, 3, 1, 1)
+    pixels = ((out * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return list(pixels), labels.tolist()

@@ -7,12 +7,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 
 from cassava_pipeline.pipelines.train.nodes import stage_config
-from cassava_pipeline.vision.augment import BatchAugment
-from cassava_pipeline.vision.data import CroppedItems, collate_nhwc
+from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.interpret import (
     classification_report,
     confusion_matrix,
@@ -21,6 +19,7 @@ from cassava_pipeline.vision.interpret import (
 )
 from cassava_pipeline.vision.metrics import classification_metrics
 from cassava_pipeline.vision.plots import (
+    augmented_batch,
     confusion_figure,
     curves_figure,
     image_grid,
@@ -118,18 +117,6 @@ def interpret(
     }
 
 
-def _show_batch(images: ShardedImages, cfg, stats, classes, n: int, seed: int) -> list:
-    """The first ``n`` training images as the model sees them: augmented, then denormalised."""
-    items = CroppedItems(images, train=True, seed=seed)
-    x, labels = collate_nhwc([items[(0, i)] for i in range(min(n, len(images)))])
-    aug = BatchAugment(cfg.augment, stats.mean, stats.std)
-    out = aug(x, train=True, generator=torch.Generator().manual_seed(seed))
-    mean = torch.tensor(stats.mean).view(1, 3, 1, 1)
-    std = torch.tensor(stats.std).view(1, 3, 1, 1)
-    pixels = ((out * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return list(pixels), [classes[i] for i in labels.tolist()]
-
-
 def plot_report(
     interpretation: dict[str, Any],
     presized_images: ShardedImages,
@@ -165,6 +152,7 @@ def plot_report(
     cfg = stage_config("show_batch", stage_params, 0.0)
     train, _ = presized_images.split()
     _, stats = model_from_checkpoint(checkpoint)
-    imgs, labels = _show_batch(train, cfg, stats, classes, int(params["show_batch"]), cfg.seed)
+    imgs, labels = augmented_batch(train, cfg.augment, stats, int(params["show_batch"]), cfg.seed)
+    labels = [classes[i] for i in labels]
     batch = image_grid(imgs, [short_name(c) for c in labels], title="show_batch (augmented)")
     return confusion, losses, curves, lr_plot, batch
