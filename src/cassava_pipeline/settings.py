@@ -2,6 +2,8 @@
 
 from kedro.config import OmegaConfigLoader
 
+from cassava_pipeline.hooks import TrackingHooks
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -9,3 +11,6 @@ CONFIG_LOADER_ARGS = {
     # An environment (conf/kaggle) overrides parameters key by key instead of whole sections.
     "merge_strategy": {"parameters": "soft"},
 }
+
+# kedro-mlflow's hooks register themselves (plugin entry point); ours complete its run.
+HOOKS = (TrackingHooks(),)

@@ -3,6 +3,7 @@ working folders."""
 
 from .checkpoint import CheckpointDataset, WorkDirDataset
 from .image_root import ImageRootDataset
+from .mlflow_model import MlflowPyfuncModelDataset
 from .model import ExportedModelDataset
 from .shards import ImageShardsDataset
 
@@ -11,5 +12,6 @@ __all__ = [
     "ExportedModelDataset",
     "ImageRootDataset",
     "ImageShardsDataset",
+    "MlflowPyfuncModelDataset",
     "WorkDirDataset",
 ]

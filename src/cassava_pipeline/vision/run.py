@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -67,13 +68,15 @@ def _threads(fabric) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _train(fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path) -> None:
+def _train(
+    fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path, on_epoch
+) -> None:
     _threads(fabric)
     model, stats = model_from_checkpoint(checkpoint)
     train, valid = shards.split()
     trainer = Trainer(fabric, model, stats, progress=runtime.progress)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    result = trainer.fit(train, valid, cfg, checkpoint_dir=ckpt)
+    result = trainer.fit(train, valid, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
     if fabric.is_global_zero:
         # Through a file: a spawned process's return value goes through a pipe that the
         # launcher only reads after every process has exited, so a large one would deadlock.
@@ -87,8 +90,13 @@ def train_in_fabric(
     runtime: RuntimeConfig,
     *,
     checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> StageResult:
-    """Train one stage from ``checkpoint`` on the shards' training side, validate on the rest."""
+    """Train one stage from ``checkpoint`` on the shards' training side, validate on the rest.
+
+    ``on_epoch`` (picklable: it may travel to spawned processes) gets each epoch's history row
+    on rank 0, as soon as the epoch ends.
+    """
     fabric = make_fabric(runtime)
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.pt"
@@ -101,6 +109,7 @@ def train_in_fabric(
             runtime=runtime,
             checkpoint_dir=checkpoint_dir,
             result_path=result_path,
+            on_epoch=on_epoch,
         )
         fabric.launch(job)
         return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))

@@ -39,9 +39,10 @@ def evaluate(
     stage_params: dict[str, Any],
     tta_params: dict[str, Any],
     runtime_params: dict[str, Any],
-) -> tuple[dict[str, Any], pd.DataFrame]:
+) -> tuple[dict[str, Any], pd.DataFrame, dict[str, dict[str, float]]]:
     """Validation metrics of the final model, plain and with fastai's TTA (n passes, beta blend),
-    and the per-image predictions behind them.
+    the per-image predictions behind them, and the headline numbers as MLflow metrics
+    (``{name: {value, step}}``, step = the global epoch count).
 
     The augmentations and image size are the last training stage's.
     """
@@ -81,7 +82,13 @@ def evaluate(
         predictions[f"predicted_{kind}"] = probs.argmax(1)
         for i in range(probs.shape[1]):
             predictions[f"p_{kind}_{i}"] = probs[:, i]
-    return result, predictions
+    step = int(checkpoint.get("global_epochs", 0))
+    tracked = {
+        f"{prefix}{name}": {"value": float(result[kind][name]), "step": step}
+        for kind, prefix in (("plain", ""), ("with_tta", "tta_"))
+        for name in ("accuracy", "error_rate", "cross_entropy", "balanced_accuracy")
+    }
+    return result, predictions, tracked
 
 
 def _probs(predictions: pd.DataFrame, kind: str, n_classes: int) -> np.ndarray:

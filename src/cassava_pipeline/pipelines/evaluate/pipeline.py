@@ -19,7 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:tta",
                     "params:runtime",
                 ],
-                ["metrics", "validation_predictions"],
+                ["metrics", "validation_predictions", "final_metrics"],
                 name="evaluate",
             ),
             Node(

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from cassava_pipeline import __version__
+from cassava_pipeline.tracking import EpochLogger
 from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
 from cassava_pipeline.vision.export import ExportedModel, export_checkpoint
@@ -124,12 +125,23 @@ def train_stage(
     name = str(stage_params["name"])
     cfg = stage_config(name, stage_params, _resolve_lr(stage_params["lr"], lr_find_result))
     logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.augment.size)
+    first_epoch = int(checkpoint.get("global_epochs", 0))  # epochs of the stages before
+    tracker = EpochLogger.for_active_run(offset=first_epoch)  # live curves in MLflow
     result = train_in_fabric(
-        checkpoint, presized_images, cfg, _runtime(runtime_params), checkpoint_dir=resume_dir
+        checkpoint,
+        presized_images,
+        cfg,
+        _runtime(runtime_params),
+        checkpoint_dir=resume_dir,
+        on_epoch=tracker,
     )
+    history = pd.DataFrame(result.history)
+    if tracker is not None:
+        tracker.log_missing(history)  # epochs a resumed or reused stage trained earlier
     out = {
         **{k: v for k, v in checkpoint.items() if k != "model"},
         "stage": name,
+        "global_epochs": first_epoch + cfg.epochs,
         "image_size": cfg.augment.size,
         "presize": presized_images.size,
         "best_epoch": result.best_epoch,
@@ -138,7 +150,7 @@ def train_stage(
         "monitor": cfg.monitor,
         "model": result.state_dict,
     }
-    return out, pd.DataFrame(result.history)
+    return out, history
 
 
 def export_model(
@@ -146,8 +158,9 @@ def export_model(
     data_report: dict[str, Any],
     stage_params: dict[str, Any],
     presize_params: dict[str, Any],
-) -> ExportedModel:
-    """The final checkpoint as a self-describing safetensors model (``vision.export``)."""
+) -> tuple[ExportedModel, ExportedModel]:
+    """The final checkpoint as a self-describing safetensors model (``vision.export``), twice:
+    for the model file and for the MLflow run (a pyfunc)."""
     cfg = stage_config("export", stage_params, 0.0)
     class_ids = [str(c.get("source_id") or c["name"]) for c in data_report["classes"]]
     exported = export_checkpoint(
@@ -172,4 +185,4 @@ def export_model(
         exported.card.presize,
         exported.card.image_size,
     )
-    return exported
+    return exported, exported

@@ -85,7 +85,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     f"params:{final}.train",
                     f"params:{final_images.split('.')[0]}.presize",
                 ],
-                "exported_model",
+                ["exported_model", "mlflow_model"],
                 name="export_model",
             )
         ]

@@ -1,0 +1,79 @@
+"""The exported model logged to the active MLflow run as a pyfunc (and registered if asked)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from kedro.io import AbstractDataset, DatasetError
+
+import cassava_pipeline
+from cassava_pipeline.tracking import active_run_id
+from cassava_pipeline.vision.export import ExportedModel
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = Path(cassava_pipeline.__file__).resolve().parent
+
+
+class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
+    """Saves an :class:`ExportedModel` as an MLflow model of the active run.
+
+    The model is a "model from code" (``cassava_pipeline/mlflow_model.py``) with the package's
+    code and the safetensors file as its artifact: loading it never unpickles anything, and
+    ``mlflow models serve -m runs:/<run id>/<name> --env-manager local`` serves it. With
+    ``registered_model_name`` it is also registered in the model registry. Without an active
+    run (tracking disabled) saving logs a warning and does nothing. Loading gives the pyfunc.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "model",
+        registered_model_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self._name = name
+        self._registered = registered_model_name
+        self._uri: str | None = None
+        self.metadata = metadata
+
+    def save(self, data: ExportedModel) -> None:
+        if active_run_id() is None:
+            logger.warning("no active MLflow run: the model is not logged to MLflow")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            path.write_bytes(data.to_bytes())
+            info = mlflow.pyfunc.log_model(
+                name=self._name,
+                python_model=str(_PACKAGE / "mlflow_model.py"),
+                artifacts={"model": str(path)},
+                code_paths=[str(_PACKAGE)],
+                registered_model_name=self._registered,
+                pip_requirements=_requirements(),
+                metadata={"model_card": data.card.to_json()},
+            )
+        self._uri = info.model_uri
+        logger.info("logged the model to MLflow as %s", self._uri)
+
+    def load(self) -> Any:
+        if self._uri is None:
+            raise DatasetError("no model was logged to MLflow in this session")
+        return mlflow.pyfunc.load_model(self._uri)
+
+    def _exists(self) -> bool:
+        return self._uri is not None
+
+    def _describe(self) -> dict[str, Any]:
+        return {"name": self._name, "registered_model_name": self._registered}
+
+
+def _requirements() -> list[str]:
+    """Pinned versions of what the pyfunc imports (the package itself travels as code)."""
+    names = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow")
+    return [f"{n}=={metadata.version(n)}" for n in names]

@@ -1,0 +1,135 @@
+"""Project hooks around kedro-mlflow's run: reachability, provenance tags, interrupted runs.
+
+- Before kedro-mlflow sets MLflow up: an ``http(s)`` tracking server that does not answer is
+  replaced, with a warning, by the local SQLite store (``sqlite:///mlflow.db``), so the run
+  trains, saves its checkpoints and is still recorded.
+- Once kedro-mlflow has started the run: provenance tags (git commit and dirty flag, lock file
+  hash, torch / CUDA / device, package versions, the manifest's data hash), and signal handlers
+  so that Ctrl-C (SIGINT) or SIGTERM marks the run KILLED before the process stops. kedro-mlflow
+  marks a run that raises FAILED; MLflow's own exit handler would mark an interrupted run
+  FINISHED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from kedro.framework.hooks import hook_impl
+
+from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
+
+logger = logging.getLogger(__name__)
+
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+_MANIFESTS = ("manifest", "split_manifest")
+
+
+def server_answers(uri: str, timeout: float = 3.0) -> bool:
+    """Whether an MLflow tracking server answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class TrackingHooks:
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._accelerator = "auto"
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        loader = context.config_loader
+        if "mlflow" not in loader.config_patterns:
+            loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
+        try:
+            conf = loader["mlflow"]
+        except Exception:  # no mlflow.yml: kedro-mlflow warns and uses its defaults
+            return
+        uri = str((conf.get("server") or {}).get("mlflow_tracking_uri") or "")
+        if uri.startswith(("http://", "https://")) and not server_answers(uri):
+            logger.warning(
+                "The MLflow tracking server %s does not answer. This run is recorded in the local "
+                "store %s instead; training goes on and saves its checkpoints as usual. Start "
+                "the server (README, 'Remote tracking') to record the next runs there.",
+                uri,
+                LOCAL_TRACKING_URI,
+            )
+            conf = {**conf, "server": {**conf["server"], "mlflow_tracking_uri": LOCAL_TRACKING_URI}}
+            loader["mlflow"] = conf
+        mlflow.enable_system_metrics_logging()  # CPU, memory, disk, GPU: the run's system tab
+        try:
+            self._accelerator = str(loader["parameters"]["runtime"]["accelerator"])
+        except (KeyError, TypeError):
+            self._accelerator = "auto"
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if active_run_id() is None:
+            return
+        tags = run_tags(Path(run_params.get("project_path") or Path.cwd()), self._accelerator)
+        names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+        tags["kedro_pipeline"] = ",".join(str(n) for n in names if n) or "__default__"
+        tags["kedro_env"] = str(run_params.get("env") or "local")
+        for name in _MANIFESTS:
+            try:
+                if catalog.exists(name):
+                    tags["data_hash"] = frame_hash(catalog.load(name))
+            except Exception:  # a manifest that cannot be read is reported by the pipeline
+                pass
+        mlflow.set_tags(tags)
+        self._install_signal_handlers()
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if dataset_name in _MANIFESTS and isinstance(data, pd.DataFrame) and active_run_id():
+            mlflow.set_tag("data_hash", frame_hash(data))
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        self._restore_signal_handlers()
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        self._restore_signal_handlers()
+
+    # ---- interrupted runs ----------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                return
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        run_id = active_run_id()
+        if run_id is not None:
+            logger.warning("%s: marking MLflow run %s KILLED", name, run_id)
+            try:
+                # kedro-mlflow may have stacked the run (restarted per node): end every level,
+                # or MLflow's exit handler would end the rest FINISHED, overwriting KILLED.
+                while mlflow.active_run() is not None:
+                    mlflow.end_run(status="KILLED")
+            except Exception as e:  # never block the interruption itself
+                logger.warning("could not mark the run KILLED: %s", e)
+        self._restore_signal_handlers()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)

@@ -1,0 +1,232 @@
+"""MLflow tracking around the recipe: live epoch metrics, run tags, and the model as a pyfunc.
+
+kedro-mlflow owns the run (one per ``kedro run``; parameters, metric and artifact datasets);
+this module adds what a training loop has to log itself, while it runs:
+
+- :class:`EpochLogger`: train_loss, valid_loss, accuracy and lr after every epoch, at step =
+  the global epoch across the three stages, so the MLflow UI draws curves while a long run is
+  still going. It is picklable (it travels into Fabric's spawned processes) and never fails the
+  training: a tracking server that stops answering gets one warning and no more calls.
+- :func:`run_tags`: git commit and dirty flag, lock file hash, torch, CUDA and device.
+- :class:`CassavaPyfunc`: the exported model as an MLflow pyfunc taking image paths or bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.entities import Metric
+from mlflow.pyfunc import PythonModel
+from mlflow.tracking import MlflowClient
+
+from cassava_pipeline.vision.predict import Classifier
+
+logger = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("train_loss", "valid_loss", "accuracy", "lr")
+TRACKED_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "lightning-fabric",
+    "kedro",
+    "kedro-mlflow",
+    "mlflow",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+)
+
+
+def active_run_id() -> str | None:
+    """The id of MLflow's active run in this process (kedro-mlflow starts one), or None."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+@dataclass
+class EpochLogger:
+    """Logs a training stage's epoch rows to one MLflow run, at step ``offset + epoch``."""
+
+    tracking_uri: str
+    run_id: str
+    offset: int
+    disabled: bool = field(default=False)
+
+    @classmethod
+    def for_active_run(cls, offset: int) -> EpochLogger | None:
+        run_id = active_run_id()
+        if run_id is None:
+            return None
+        return cls(mlflow.get_tracking_uri(), run_id, int(offset))
+
+    def _client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _log(self, rows: list[dict[str, Any]]) -> None:
+        if self.disabled or not rows:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(row[key]), now, self.offset + int(row["epoch"]))
+            for row in rows
+            for key in EPOCH_METRICS
+            if key in row and row[key] is not None and math.isfinite(float(row[key]))
+        ]
+        try:
+            with _few_retries():
+                self._client().log_batch(self.run_id, metrics=metrics)
+        except Exception as e:
+            self.disabled = True
+            logger.warning(
+                "MLflow stopped answering (%s: %s); training goes on and saves its checkpoints, "
+                "but the remaining epoch metrics of this run are not logged",
+                type(e).__name__,
+                e,
+            )
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        self._log([row])
+
+    def log_missing(self, history: pd.DataFrame) -> int:
+        """Log the epochs of ``history`` the run does not have yet (a resumed or reused stage
+        trained them in an earlier run); returns how many."""
+        if self.disabled or history.empty:
+            return 0
+        try:
+            logged = {m.step for m in self._client().get_metric_history(self.run_id, "accuracy")}
+        except Exception:
+            logged = set()
+        rows = [
+            r for r in history.to_dict("records") if self.offset + int(r["epoch"]) not in logged
+        ]
+        self._log(rows)
+        return len(rows)
+
+
+@contextlib.contextmanager
+def _few_retries():
+    """MLflow retries an unreachable server for minutes; an epoch must not wait that long."""
+    saved = {k: os.environ.get(k) for k in _RETRY_ENV}
+    os.environ.update(_RETRY_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def file_hash(path: Path) -> str | None:
+    """sha256 of a file, or None when it is absent."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def frame_hash(frame: pd.DataFrame) -> str:
+    """A content hash of a table (the manifest: every image's path, label and content hash)."""
+    rows = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+    cols = "\x1f".join(map(str, frame.columns)).encode()
+    return hashlib.sha256(cols + rows).hexdigest()
+
+
+def run_tags(project_path: Path, accelerator: str = "auto") -> dict[str, str]:
+    """Provenance tags of a run: code, environment and device."""
+    project_path = Path(project_path)
+    commit = _git(["rev-parse", "HEAD"], project_path)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], project_path)
+    wants_cuda = accelerator in ("auto", "cuda", "gpu")
+    on_cuda = wants_cuda and torch.cuda.is_available()
+    tags = {
+        "git_commit": commit or "unknown (not a git checkout)",
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "lock_hash": file_hash(project_path / "requirements.lock") or "missing",
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "device": torch.cuda.get_device_name(0) if on_cuda else f"cpu ({os.cpu_count()} cores)",
+        "python_version": platform.python_version(),
+    }
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"version.{name}"] = metadata.version(name)
+    return tags
+
+
+# ---- the model as an MLflow pyfunc ----------------------------------------------------------
+
+
+def _as_image(value: Any) -> str | bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    text = str(value)
+    if text.startswith("base64:"):
+        return base64.b64decode(text[len("base64:") :])
+    return text
+
+
+class CassavaPyfunc(PythonModel):
+    """MLflow pyfunc around the exported model (artifact ``model``: the safetensors file).
+
+    Input: a DataFrame with an ``image`` column of file paths, encoded image bytes, or strings
+    ``base64:<encoded image>`` (what JSON over HTTP can carry), or a list of those. Output: one
+    row per input with ``label`` (the source's label id), ``class_name``, ``probability``, one
+    ``p_<label>`` per class, and ``error`` (why an image could not be read; its label is empty).
+    """
+
+    def load_context(self, context) -> None:
+        self.classifier = Classifier.load(context.artifacts["model"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            column = "image" if "image" in model_input.columns else model_input.columns[0]
+            values = model_input[column].tolist()
+        else:
+            values = list(model_input)
+        images = [_as_image(v) for v in values]
+        names = [str(i) for i in range(len(images))]
+        out = self.classifier.predict(images, names=names)
+        table = out.table().set_index("image_id")
+        errors = dict(out.errors)
+        rows = []
+        for name in names:
+            if name in table.index:
+                rows.append({**table.loc[name].to_dict(), "error": ""})
+            else:
+                rows.append({"label": "", "class_name": "", "error": errors.get(name, "")})
+        frame = pd.DataFrame(rows)
+        return frame[["label", "class_name", "probability", *self._p_columns(), "error"]]
+
+    def _p_columns(self) -> list[str]:
+        return [f"p_{c}" for c in self.classifier.card.class_ids]

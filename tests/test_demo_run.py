@@ -1,0 +1,198 @@
+"""The demo through the Kedro CLI, as a user runs it: MLflow records it, the notebook reads it.
+
+The fixture copies the project's configuration into a temporary project, shrinks the sample and
+the training in its ``conf/local`` (as a user would) and runs ``sample_data`` and ``cassava``
+with the Kedro CLI once. The tests then check the MLflow run kedro-mlflow and our hooks
+recorded, execute the notebook with a real kernel, and interrupt or crash further runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.images import REPO
+from tests.pipelines.conftest import PLOTS
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+SHRINK = {
+    "sample_data": {"n_images": 40, "width": 200, "height": 150, "n_test_images": 2},
+    "small": {"presize": {"size": 36, "workers": 1}},
+    "large": {"presize": {"size": 40, "workers": 1}},
+    "runtime": {"accelerator": "cpu", "progress": False},
+    "lr_find": {"num_it": 12},
+    "tta": {"n": 2},
+    **{
+        stage: {"train": {"epochs": 1, "size": 32, "loader": {"batch_size": 4}}}
+        for stage in ("frozen", "unfrozen", "mixup")
+    },
+}
+
+
+def _project(tmp: Path) -> Path:
+    root = tmp / "project"
+    root.mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    (root / "src").mkdir()  # the package itself is installed (editable) in the environment
+    (root / "conf" / "local").mkdir()
+    (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(SHRINK))
+    return root
+
+
+ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg"}
+
+
+def _kedro(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = ENV
+    proc = subprocess.run(
+        [sys.executable, "-m", "kedro", *args],
+        check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """A temporary project after `kedro run --pipelines=sample_data` and `--pipeline=cassava`."""
+    root = _project(tmp_path_factory.mktemp("demo"))
+    _kedro(root, "run", "--pipelines=sample_data")
+    _kedro(root, "run", "--pipeline=cassava")
+    return root
+
+
+def _client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _runs(root: Path) -> list:
+    client = _client(root)
+    exp = client.get_experiment_by_name("cassava_pipeline")
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+def test_mlflow_records_the_run(demo: Path):
+    client = _client(demo)
+    (run,) = _runs(demo)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["frozen.train.epochs"] == "1" and params["model.arch"] == "tf_efficientnet_lite0"
+    assert params["tta.n"] == "2"  # every parameter, under its flattened name
+    # per-epoch metrics at the global epoch across the three stages
+    for key in ("train_loss", "valid_loss", "accuracy", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
+    metrics = run.data.metrics
+    assert 0 <= metrics["final_metrics.accuracy"] <= 1
+    assert 0 <= metrics["final_metrics.tta_accuracy"] <= 1
+    tags = run.data.tags
+    assert {
+        "git_commit",
+        "git_dirty",
+        "lock_hash",
+        "torch_version",
+        "cuda_version",
+        "device",
+    } <= set(tags)
+    assert len(tags["data_hash"]) == 64 and tags["kedro_pipeline"] == "cassava"
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {f"{n}.png" for n in PLOTS}
+    reports = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "reporting")}
+    assert {"metrics.json", "data_report.json", "interpretation.json", "lr_find.json"} <= reports
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+
+
+@pytest.mark.slow
+def test_a_crash_marks_the_run_failed(demo: Path):
+    proc = _kedro(demo, "run", "--pipelines=train", "--params=frozen.train.lr=bogus", ok=False)
+    assert proc.returncode != 0
+    assert max(_runs(demo), key=lambda r: r.info.start_time).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed(demo: Path):
+    db = demo / "mlflow.db"
+    before = {r.info.run_id for r in _runs(demo)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kedro",
+            "run",
+            "--pipelines=train",
+            "--params=mixup.train.epochs=200",
+        ],
+        cwd=demo,
+        env=ENV,
+        stdout=open(demo / "sigterm.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until the new run logs mixup epochs (step >= 3)
+            with sqlite3.connect(db) as con:
+                row = con.execute(
+                    "SELECT COUNT(*) FROM metrics WHERE key='accuracy' AND step >= 3 AND "
+                    "run_uuid=(SELECT run_uuid FROM runs ORDER BY start_time DESC LIMIT 1)"
+                ).fetchone()
+            if row[0] and len(_runs(demo)) > len(before):
+                break
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    runs = _runs(demo)
+    log = (demo / "sigterm.log").read_text()[-3000:]
+    (new,) = [r for r in runs if r.info.run_id not in before]
+    assert new.info.status == "KILLED", log
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_the_sample(demo: Path):
+    root = demo
+
+    nb = nbformat.read(root / "notebooks" / "cassava.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(root / "notebooks")}},
+    )
+    client.execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 5  # show_batch, lr_find, curves, confusion matrix, top losses
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "Cassava Mosaic Disease (CMD)" in html  # the data report's class table
+    assert "with_tta" in html  # the metrics table
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Kedro environment: local" in text
+    assert "usable images of 40 listed" in text

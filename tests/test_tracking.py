@@ -1,0 +1,110 @@
+"""MLflow tracking pieces on a throw-away SQLite store: epoch logging, tags, the pyfunc model."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cassava_pipeline.datasets import MlflowPyfuncModelDataset
+from cassava_pipeline.hooks import server_answers
+from cassava_pipeline.tracking import EpochLogger, frame_hash, run_tags
+from tests.images import REPO
+from tests.training import exported
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch):
+    """A fresh SQLite tracking store and artifact folder, active for the test only."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    yield uri, exp
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def _row(epoch: int, acc: float) -> dict:
+    return {"stage": "s", "epoch": epoch, "train_loss": 1.0, "valid_loss": 0.5, "accuracy": acc,
+            "lr": 1e-3}  # fmt: skip
+
+
+def test_epoch_logger_uses_global_steps_and_fills_gaps(store):
+    uri, exp = store
+    with mlflow.start_run(experiment_id=exp) as run:
+        tracker = EpochLogger.for_active_run(offset=3)
+        assert tracker is not None and tracker.run_id == run.info.run_id
+        tracker(_row(0, 0.5))  # live, as the training loop calls it
+        history = pd.DataFrame([_row(0, 0.5), _row(1, 0.75)])
+        assert tracker.log_missing(history) == 1  # epoch 0 was logged already
+    client = MlflowClient(uri)
+    acc = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [(m.step, m.value) for m in acc] == [(3, 0.5), (4, 0.75)]
+    assert {"train_loss", "valid_loss", "lr"} <= set(client.get_run(run.info.run_id).data.metrics)
+    assert EpochLogger.for_active_run(offset=0) is None  # no run, no logging
+
+
+def test_unreachable_server_warns_once_and_never_raises(caplog):
+    tracker = EpochLogger("http://127.0.0.1:9", "no-such-run", 0)
+    with caplog.at_level(logging.WARNING):
+        tracker(_row(0, 0.5))
+        tracker(_row(1, 0.6))
+    assert tracker.disabled
+    assert sum("MLflow stopped answering" in r.message for r in caplog.records) == 1
+    assert not server_answers("http://127.0.0.1:9", timeout=1)
+
+
+def test_run_tags_and_data_hash():
+    tags = run_tags(REPO, "cpu")
+    assert len(tags["git_commit"]) == 40 or tags["git_commit"].startswith("unknown")
+    assert tags["git_dirty"] in ("true", "false", "unknown")
+    assert len(tags["lock_hash"]) == 64 and tags["device"].startswith("cpu")
+    assert tags["torch_version"].startswith("2.") and "version.mlflow" in tags
+    a = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "hash": ["1", "2"]})
+    assert frame_hash(a) == frame_hash(a.copy())
+    assert frame_hash(a) != frame_hash(a.iloc[::-1].reset_index(drop=True))
+    assert frame_hash(a) != frame_hash(a.assign(hash=["1", "3"]))
+
+
+def test_pyfunc_model_takes_paths_bytes_and_base64(store, test_images: Path):
+    _, exp = store
+    dataset = MlflowPyfuncModelDataset(name="model")
+    dataset.save(exported())  # no active run: a warning, nothing logged
+    assert not dataset.exists()
+    with mlflow.start_run(experiment_id=exp):
+        dataset.save(exported())
+    model = dataset.load()
+    good = test_images / "0.jpg"
+    png = (test_images / "rgba.png").read_bytes()
+    frame = pd.DataFrame(
+        {
+            "image": [
+                str(good),
+                png,
+                "base64:" + base64.b64encode(good.read_bytes()).decode(),
+                str(test_images / "corrupt.jpg"),
+            ]
+        }
+    )
+    out = model.predict(frame)
+    assert list(out.columns) == [
+        "label",
+        "class_name",
+        "probability",
+        "p_0",
+        "p_1",
+        "p_2",
+        "error",
+    ]
+    assert out["label"].iloc[:3].isin(["0", "1", "2"]).all()
+    assert out["label"].iat[0] == out["label"].iat[2]  # the same image, as path and as base64
+    assert out["probability"].iat[0] == pytest.approx(out["probability"].iat[2])
+    assert out["label"].iat[3] == "" and out["error"].iat[3]
+    assert (out["error"].iloc[:3] == "").all()
