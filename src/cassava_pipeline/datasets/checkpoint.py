@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from kedro.io import AbstractDataset
+
+
+def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through a synced temporary sibling renamed into place, on rank 0 only
+    (under torchrun every rank runs the node): a killed run never leaves half a file."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 class CheckpointDataset(AbstractDataset[dict, dict]):
@@ -24,15 +39,7 @@ class CheckpointDataset(AbstractDataset[dict, dict]):
         return torch.load(self._path, map_location="cpu", weights_only=True)
 
     def save(self, data: dict) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:
-            return  # under torchrun every rank runs the node; rank 0 writes
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
+        write_atomic_rank0(self._path, lambda fh: torch.save(data, fh))
 
     def _exists(self) -> bool:
         return self._path.is_file()

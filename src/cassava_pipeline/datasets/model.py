@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset
 
 from cassava_pipeline.vision.export import ExportedModel
+
+from .checkpoint import write_atomic_rank0
 
 
 class ExportedModelDataset(AbstractDataset[ExportedModel, ExportedModel]):
@@ -25,15 +26,7 @@ class ExportedModelDataset(AbstractDataset[ExportedModel, ExportedModel]):
         return ExportedModel.from_bytes(self._path.read_bytes(), source=str(self._path))
 
     def save(self, data: ExportedModel) -> None:
-        if int(os.environ.get("RANK", "0")) != 0:
-            return  # under torchrun every rank runs the node; rank 0 writes
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            fh.write(data.to_bytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
+        write_atomic_rank0(self._path, lambda fh: fh.write(data.to_bytes()))
 
     def _exists(self) -> bool:
         return self._path.is_file()
