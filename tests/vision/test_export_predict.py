@@ -48,9 +48,10 @@ def test_file_is_safetensors_with_a_json_card(tmp_path: Path):
     data = exported().to_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    meta = header["__metadata__"]
+    meta = json.loads(header["__metadata__"]["cassava_pipeline"])
     assert meta["format"] == MODEL_FORMAT
-    assert json.loads(meta["model_card"])["classes"] == ["blue", "green", "red"]
+    assert meta["model_card"]["classes"] == ["blue", "green", "red"]
+    assert data == exported().to_bytes()  # the same model saves to the same bytes
     assert b"\x80\x04" not in data[: 8 + n]  # no pickle protocol marker in the header
 
 

@@ -26,8 +26,9 @@ from .images import DEFAULT_MAX_PIXELS
 from .models import Stats, create_model
 
 MODEL_FORMAT = "cassava-pipeline/model-v1"
-_FORMAT_KEY = "format"
-_CARD_KEY = "model_card"
+# One header key: safetensors writes its metadata map in no fixed order, so two keys would make
+# two saves of the same model differ byte for byte.
+_HEADER_KEY = "cassava_pipeline"
 
 
 class ExportError(ValueError):
@@ -68,7 +69,11 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        d = dict(d)
         for key in ("classes", "class_ids", "mean", "std"):
             d[key] = tuple(d[key])
         known = set(cls.__dataclass_fields__)
@@ -87,9 +92,8 @@ class ExportedModel:
 
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.weights.items()}
-        return st_save(
-            tensors, metadata={_FORMAT_KEY: MODEL_FORMAT, _CARD_KEY: self.card.to_json()}
-        )
+        header = {"format": MODEL_FORMAT, "model_card": asdict(self.card)}
+        return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "model") -> ExportedModel:
@@ -121,12 +125,16 @@ def _header(data: bytes, source: str) -> dict[str, Any]:
 def read_card(data: bytes, *, source: str = "model") -> ModelCard:
     """The model card of a model file's bytes, without loading the weights."""
     meta = _header(data, source).get("__metadata__") or {}
-    if meta.get(_FORMAT_KEY) != MODEL_FORMAT:
+    try:
+        header = json.loads(meta[_HEADER_KEY])
+    except (KeyError, ValueError):
+        header = {}
+    if header.get("format") != MODEL_FORMAT:
         raise ExportError(
-            f"{source} is format {meta.get(_FORMAT_KEY)!r}, expected {MODEL_FORMAT!r}: "
+            f"{source} is format {header.get('format')!r}, expected {MODEL_FORMAT!r}: "
             "export it with `kedro run --pipeline=cassava` (node export_model)"
         )
-    return ModelCard.from_json(meta[_CARD_KEY])
+    return ModelCard.from_dict(header["model_card"])
 
 
 def export_checkpoint(
