@@ -8,6 +8,8 @@ recorded, execute the notebook with a real kernel, and interrupt or crash furthe
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import servers
 from tests.images import REPO
 from tests.pipelines.conftest import PLOTS
 
@@ -196,3 +199,112 @@ def test_notebook_runs_on_the_sample(demo: Path):
     text = "".join(o.get("text", "") for o in outputs)
     assert "Kedro environment: local" in text
     assert "usable images of 40 listed" in text
+
+
+# ---- remote tracking: PostgreSQL + `mlflow server`, then `mlflow models serve` ----------------
+
+USER = ("cassava", "cassava-password-1")
+
+
+def _remote_conf(uri: str) -> dict[str, str]:
+    """The two files of conf/local the README's 'Remote tracking' shows, for this server."""
+    return {
+        "mlflow.yml": f"server:\n  mlflow_tracking_uri: {uri}\n  credentials: mlflow_server\n",
+        "credentials.yml": (
+            "mlflow_server:  # exported as environment variables by kedro-mlflow\n"
+            f"  MLFLOW_TRACKING_USERNAME: {USER[0]}\n"
+            f"  MLFLOW_TRACKING_PASSWORD: {USER[1]}\n"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def remote(demo: Path, tmp_path_factory):
+    """The demo project run once more against a tracking server backed by PostgreSQL."""
+    if servers.postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing: .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    tmp = tmp_path_factory.mktemp("remote")
+    root = tmp / "project"
+    shutil.copytree(demo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "*.log"))
+    with (
+        servers.postgres(("mlflow", "mlflow_auth")) as db,
+        servers.mlflow_server(db, tmp / "server") as server,
+    ):
+        server.add_user(*USER)
+        for name, text in _remote_conf(server.uri).items():
+            (root / "conf" / "local" / name).write_text(text)
+        _kedro(root, "run", "--pipeline=cassava")
+        yield root, server, db
+
+
+def _remote_client(server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
+    return MlflowClient(server.uri)
+
+
+@pytest.mark.slow
+def test_remote_tracking_server_on_postgres(remote, monkeypatch):
+    root, server, db = remote
+    assert not (root / "mlflow.db").exists()  # nothing fell back to the local store
+    client = _remote_client(server, monkeypatch)
+    exp = client.get_experiment_by_name("cassava_pipeline")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.user_id == USER[0]
+    assert run.data.params["frozen.train.epochs"] == "1"
+    for key in ("train_loss", "valid_loss", "accuracy", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
+    assert 0 <= run.data.metrics["final_metrics.tta_accuracy"] <= 1
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {f"{n}.png" for n in PLOTS}
+    # the artifacts went through the server, which wrote them to its own folder
+    local = Path(client.download_artifacts(run.info.run_id, "reporting/metrics.json", str(root)))
+    assert json.loads(local.read_text()) == json.loads(
+        (root / "data" / "08_reporting" / "metrics.json").read_text()
+    )
+    # and the run really is in PostgreSQL
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(db.uri("mlflow"))
+    with engine.connect() as con:
+        sql = "SELECT status FROM runs WHERE run_uuid = :id"
+        assert con.execute(sqlalchemy.text(sql), {"id": run.info.run_id}).scalar() == "FINISHED"
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_models_serve_answers_with_the_models_labels(remote, monkeypatch):
+    root, server, _ = remote
+    from cassava_pipeline.vision.predict import Classifier
+
+    client = _remote_client(server, monkeypatch)
+    exp = client.get_experiment_by_name("cassava_pipeline")
+    (run,) = client.search_runs([exp.experiment_id])
+    images = sorted((root / "data" / "01_raw" / "cassava_sample" / "train_images").glob("*.jpg"))
+    images = images[:6]
+    expected = Classifier.load(root / "data" / "06_models" / "model.safetensors").predict(images)
+
+    env = {**ENV, "MLFLOW_TRACKING_URI": server.uri}
+    env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = USER
+    with servers.model_server(f"runs:/{run.info.run_id}/model", env, root) as url:
+        by_path = servers.post_json(
+            f"{url}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[str(p)] for p in images]}},
+        )
+        encoded = "base64:" + base64.b64encode(images[0].read_bytes()).decode()
+        by_bytes = servers.post_json(
+            f"{url}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[encoded], ["nope.jpg"]]}},
+        )
+    rows = by_path["predictions"]
+    assert [r["label"] for r in rows] == expected.label_ids
+    assert [r["class_name"] for r in rows] == expected.labels
+    probs = expected.probabilities.max(1)
+    assert [r["probability"] for r in rows] == pytest.approx(probs.tolist(), abs=1e-6)
+    first, missing = by_bytes["predictions"]
+    assert first["label"] == expected.label_ids[0] and first["error"] == ""
+    assert missing["label"] == "" and "nope.jpg" in missing["error"]
