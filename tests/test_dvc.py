@@ -1,0 +1,242 @@
+"""`dvc repro` on the embedded sample, in a temporary git repository, as a user runs it.
+
+The fixture copies the project's tracked files (``dvc.yaml`` and ``.dvc/`` included) into a new
+git repository, shrinks the sample and the training in ``conf/local`` (which DVC does not track)
+and runs ``dvc repro`` once. The tests then check what reruns after what changes, experiments,
+and a push to a local remote followed by a pull into an emptied cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.images import REPO
+from tests.test_demo_run import SHRINK
+
+BIN = Path(sys.executable).parent
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `kedro` in the stages' commands
+    "KEDRO_DISABLE_TELEMETRY": "true",
+    "MPLBACKEND": "Agg",
+    "COLUMNS": "300",  # Kedro's rich log: one line per message
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.org",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.org",
+}
+STAGES = ("sample", "data", "train", "evaluate")
+CHECKPOINTS = ("initial.pt", "frozen.pt", "unfrozen.pt", "mixup.pt", "model.safetensors")
+
+
+def _run(root: Path, *cmd: str) -> str:
+    proc = subprocess.run(
+        cmd, cwd=root, env=ENV, capture_output=True, text=True, check=False, timeout=900
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def dvc(root: Path, *args: str) -> str:
+    return _run(root, str(BIN / "dvc"), *args)
+
+
+def git(root: Path, *args: str) -> str:
+    return _run(root, "git", *args)
+
+
+def ran(log: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` log says it ran."""
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode()
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> dict:
+    """A git repository holding the project after one `dvc repro` and then a second."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    for name in _tracked_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    (root / "conf" / "local").mkdir(parents=True, exist_ok=True)
+    (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(SHRINK))
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    first = dvc(root, "repro")
+    second = dvc(root, "repro")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "dvc repro")
+    return {"root": root, "first": first, "second": second}
+
+
+@pytest.mark.slow
+def test_repro_runs_every_stage_then_nothing(repo):
+    root = repo["root"]
+    assert ran(repo["first"]) == list(STAGES)
+    assert ran(repo["second"]) == []
+    assert json.loads(dvc(root, "status", "--json")) == {}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(STAGES)
+    # params are the Kedro files' keys, with their values
+    train_params = lock["train"]["params"]["conf/base/parameters_train.yml"]
+    assert train_params["frozen"]["train"]["epochs"] == 3
+    assert train_params["mixup"]["train"]["mixup"] == 0.2
+    metrics = json.loads(dvc(root, "metrics", "show", "--json"))
+    values = metrics[""]["data"]["data/08_reporting/metrics.json"]["data"]
+    assert 0 <= values["with_tta"]["accuracy"] <= 1
+    # what DVC cached is what the pipeline wrote
+    outs = {o["path"]: o["md5"] for o in lock["train"]["outs"]}
+    assert (
+        outs["data/06_models/mixup.pt"]
+        == hashlib.md5((root / "data/06_models/mixup.pt").read_bytes()).hexdigest()
+    )
+
+
+def _set_param(root: Path, key: str, value: str) -> None:
+    """Edit a Kedro parameters file as a user would (one line), keeping its comments."""
+    path = root / "conf" / "base" / "parameters_train.yml"
+    lines = path.read_text().splitlines(keepends=True)
+    stage, _, name = key.split(".")
+    start = lines.index(f"{stage}:\n")
+    for i in range(start, len(lines)):
+        if lines[i].strip().startswith(f"{name}:"):
+            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+            lines[i] = f"{indent}{name}: {value}\n"
+            break
+    else:
+        lines.insert(start + 3, f"    {name}: {value}\n")  # after `<<: *train_defaults`
+    path.write_text("".join(lines))
+
+
+@pytest.mark.slow
+def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
+    root = repo["root"]
+    shards = root / "data" / "05_model_input" / "presized_large"
+    before = {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()}
+    old_model = sha256(root / "data" / "06_models" / "mixup.pt")
+
+    _set_param(root, "mixup.train.wd", "0.05")
+    diff = json.loads(dvc(root, "params", "diff", "--json"))
+    change = diff["conf/base/parameters_train.yml"]["mixup.train.wd"]
+    assert (change["old"], change["new"]) == (0.01, 0.05)
+    log = dvc(root, "repro")
+    assert ran(log) == ["train", "evaluate"]
+    # the persisted resume folder: the first two stages' settings did not change, so their
+    # finished runs are reused; mixup's fingerprint differs, so it trains again
+    text = " ".join(log.split())
+    assert text.count("finished; reusing it") == 2, log[-4000:]
+    assert "mixup: data/06_models/resume/mixup/last.pt is another run's" in text
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the data stage's shards
+    assert sha256(root / "data" / "06_models" / "mixup.pt") != old_model
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "wd 0.05")
+
+    log = dvc(root, "exp", "run", "-S", "conf/base/parameters_train.yml:mixup.train.wd=0.1")
+    assert ran(log) == ["train", "evaluate"]
+    rows = json.loads(dvc(root, "exp", "show", "--json"))
+    baseline = next(r for r in rows if r["name"] == "master" or r["rev"] != "workspace")
+    exps = [e for r in rows for e in (r.get("experiments") or [])]
+    assert len(exps) == 1
+
+    def summary(entry) -> tuple[float, float]:
+        data = entry["data"]
+        metric = data["metrics"]["data/08_reporting/metrics.json"]["data"]
+        param = data["params"]["conf/base/parameters_train.yml"]["data"]
+        return param["mixup"]["train"]["wd"], metric["with_tta"]["accuracy"]
+
+    (exp_run,) = exps[0]["revs"]
+    assert summary(baseline)[0] == 0.05
+    assert summary(exp_run)[0] == 0.1
+    for entry in (baseline, exp_run):
+        assert 0 <= summary(entry)[1] <= 1
+
+
+@pytest.mark.slow
+def test_push_then_pull_restores_the_checkpoints_bit_for_bit(repo, tmp_path):
+    root = repo["root"]
+    models = root / "data" / "06_models"
+    hashes = {name: sha256(models / name) for name in CHECKPOINTS}
+    resume = {p.relative_to(models): sha256(p) for p in (models / "resume").rglob("*.pt")}
+    assert resume  # the per-epoch checkpoints are an output too (persist: true)
+    dvc(root, "remote", "add", "--local", "-d", "storage", str(tmp_path / "remote"))
+    dvc(root, "push")
+
+    shutil.rmtree(root / ".dvc" / "cache")
+    shutil.rmtree(models)
+    shutil.rmtree(root / "data" / "05_model_input")
+    assert "deleted" in dvc(root, "status")
+    dvc(root, "pull")
+    assert {name: sha256(models / name) for name in CHECKPOINTS} == hashes
+    assert {p.relative_to(models): sha256(p) for p in (models / "resume").rglob("*.pt")} == resume
+    assert json.loads(dvc(root, "status", "--json")) == {}
+
+
+def _imported_files(module: str) -> set[str]:
+    """Files of cassava_pipeline a module imports, transitively (package __init__ left out)."""
+    src = REPO / "src"
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = src / f"{name.replace('.', '/')}.py"
+        if not path.exists():
+            path = src / name.replace(".", "/") / "__init__.py"
+        if not path.exists() or path in seen:
+            continue
+        seen.add(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parent, *([node.module] if node.module else [])])
+                if base.startswith("cassava_pipeline"):
+                    todo += [base, *(f"{base}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("cassava_pipeline")]
+    return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py"}
+
+
+@pytest.mark.parametrize(
+    ("stage", "pipelines"),
+    [
+        ("sample", ["sample_data"]),
+        ("data", ["ingest", "presize"]),
+        ("train", ["train"]),
+        ("evaluate", ["evaluate"]),
+    ],
+)
+def test_each_stage_depends_on_the_code_it_runs(stage, pipelines):
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+
+    def covered(path: str) -> bool:
+        return any(path == d or path.startswith(f"{d.rstrip('/')}/") for d in deps)
+
+    needed = set().union(*(_imported_files(f"cassava_pipeline.pipelines.{p}") for p in pipelines))
+    needed |= {f"src/cassava_pipeline/pipelines/{p}/pipeline.py" for p in pipelines}
+    assert sorted(p for p in needed if not covered(p)) == []
+    assert all((REPO / d).exists() for d in deps if not d.startswith(("${", "data/")))
