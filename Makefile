@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RAW_SAMPLE := data/01_raw/cassava_sample
 
-.PHONY: run test lint format sample viz notebook lock clean-env
+.PHONY: run test lint format sample viz notebook lock clean-env bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,5 +59,17 @@ notebook: $(VENV)/.installed-dev conf/local/credentials.yml
 lock:
 	bash tools/lock.sh
 
+# Benchmarks against fastai (benchmarks/fastai_compare.py, loader.py): a separate environment with
+# the project's lock plus fastai and its own dependencies, so fastai never enters the product.
+BENCH := .venv-bench
+$(BENCH)/.installed: requirements.lock benchmarks/requirements-fastai.lock pyproject.toml
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(BENCH)/bin/pip install --quiet --no-deps -r requirements.lock -r benchmarks/requirements-fastai.lock
+	$(BENCH)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+bench-env: $(BENCH)/.installed
+
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH)

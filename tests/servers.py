@@ -136,34 +136,40 @@ class TrackingServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(db: Postgres, workdir: Path) -> Iterator[TrackingServer]:
-    """``mlflow server --app-name basic-auth`` with its runs and its users in PostgreSQL.
+def mlflow_server(db: Postgres, workdir: Path, *, auth: bool = False) -> Iterator[TrackingServer]:
+    """``mlflow server`` with its runs in PostgreSQL (``auth``: ``--app-name basic-auth``, its
+    users in PostgreSQL too).
 
     Artifacts are proxied by the server (``--artifacts-destination``): clients upload and
     download them over HTTP and need no access to the folder.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     admin = ("admin", secrets.token_hex(12))
-    auth_ini = workdir / "basic_auth.ini"
-    auth_ini.write_text(
-        "[mlflow]\n"
-        "default_permission = READ\n"
-        f"database_uri = {db.uri('mlflow_auth')}\n"
-        f"admin_username = {admin[0]}\n"
-        f"admin_password = {admin[1]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
-    port = free_port()
-    log = workdir / "mlflow-server.log"
     env = {
         **os.environ,
-        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),  # CSRF of the auth app
+        # no background job runners (MLflow's GenAI jobs): 15 idle workers on 2 cores otherwise
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    app: list[str] = []
+    if auth:
+        auth_ini = workdir / "basic_auth.ini"
+        auth_ini.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {db.uri('mlflow_auth')}\n"
+            f"admin_username = {admin[0]}\n"
+            f"admin_password = {admin[1]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)  # CSRF of the auth app
+        app = ["--app-name", "basic-auth"]
+    port = free_port()
+    log = workdir / "mlflow-server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+            [str(BIN / "mlflow"), "server", *app,
              "--backend-store-uri", db.uri("mlflow"),
              "--artifacts-destination", str(workdir / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
