@@ -234,7 +234,7 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     out = run(Path(args.data), args.seed, r, work)
     out["total"] = time.perf_counter() - t
-    print("RESULT " + json.dumps(out))
+    print("\nRESULT " + json.dumps(out), flush=True)
 
 
 def spawn(arm: str, data: Path, seed: int, r: dict, tmp: Path) -> dict:
@@ -247,10 +247,11 @@ def spawn(arm: str, data: Path, seed: int, r: dict, tmp: Path) -> dict:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - t
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    # fastai's progress bars end with a carriage return, not a newline: find the marker anywhere
+    lines = [ln.split("RESULT ", 1)[1] for ln in proc.stdout.splitlines() if "RESULT " in ln]
     if proc.returncode or not lines:
         raise RuntimeError(f"{arm} seed {seed} failed:\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}")
-    out = json.loads(lines[-1][7:])
+    out = json.loads(lines[-1])
     out["total"] = wall  # the whole process: interpreter start and imports included
     shutil.rmtree(work, ignore_errors=True)
     return out

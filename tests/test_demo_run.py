@@ -218,6 +218,14 @@ def _remote_conf(uri: str) -> dict[str, str]:
     }
 
 
+def _require_postgres() -> None:
+    """Skip without PostgreSQL, except in CI, where .ci/run installs it and its absence fails."""
+    if servers.postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing: .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+
+
 @pytest.fixture(scope="module")
 def remote(demo: Path, tmp_path_factory):
     """The demo project run once more against a tracking server backed by PostgreSQL.
@@ -227,10 +235,7 @@ def remote(demo: Path, tmp_path_factory):
     instead of about a minute on the 2-core CI machine (README, 'Remote tracking'). The
     credentials file is written all the same, as a user of an authenticated server writes it.
     """
-    if servers.postgres_bin() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is missing: .ci/run installs Debian's postgresql package")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    _require_postgres()
     tmp = tmp_path_factory.mktemp("remote")
     root = tmp / "project"
     shutil.copytree(demo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "*.log"))
@@ -318,10 +323,7 @@ def test_models_serve_answers_with_the_models_labels(remote, monkeypatch):
 @pytest.mark.slow
 def test_basic_auth_server_takes_the_users_credentials(tmp_path, monkeypatch):
     """The README's authenticated server: anonymous writes are refused, the user's go through."""
-    if servers.postgres_bin() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is missing: .ci/run installs Debian's postgresql package")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    _require_postgres()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
