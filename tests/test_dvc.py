@@ -22,14 +22,13 @@ import pytest
 import yaml
 
 from tests.images import REPO
+from tests.test_demo_run import ENV as DEMO_ENV
 from tests.test_demo_run import SHRINK
 
 BIN = Path(sys.executable).parent
 ENV = {
-    **os.environ,
+    **DEMO_ENV,  # no telemetry, a headless matplotlib
     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `kedro` in the stages' commands
-    "KEDRO_DISABLE_TELEMETRY": "true",
-    "MPLBACKEND": "Agg",
     "COLUMNS": "300",  # Kedro's rich log: one line per message
     "GIT_AUTHOR_NAME": "test",
     "GIT_AUTHOR_EMAIL": "test@example.org",
