@@ -85,6 +85,7 @@ class StageConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     seed: int = 42
+    validate_before: bool = False  # one validation pass before the first epoch (fastai: none)
 
 
 @dataclass(frozen=True)
@@ -314,8 +315,9 @@ class Trainer:
         maximize = cfg.monitor != "valid_loss"
         smooth = SmoothLoss()
         smooth.avg, smooth.count = float(state["smooth"][0]), int(state["smooth"][1])
-        if state["epoch"] == 0:
-            # Where the stage starts from: the untrained head's accuracy, for the first stage.
+        if state["epoch"] == 0 and cfg.validate_before:
+            # Where the stage starts from (e.g. the untrained head's accuracy): a full
+            # validation pass, which fastai does not make, so it is off by default.
             _sync_buffers(f, _raw(model))
             state["start_metrics"] = self.validate(va_loader, augment, cfg)
             if f.is_global_zero:
@@ -326,7 +328,8 @@ class Trainer:
                     start["valid_loss"],
                     start["accuracy"],
                 )
-                logger.info("%s: %s", cfg.name, _header())
+        if state["epoch"] == 0 and f.is_global_zero:
+            logger.info("%s: %s", cfg.name, _header())
         for epoch in range(state["epoch"], cfg.epochs):
             if stop_after_epochs is not None and epoch >= stop_after_epochs:
                 break

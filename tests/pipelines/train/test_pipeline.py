@@ -39,6 +39,7 @@ def test_pipeline_shape():
 @pytest.mark.slow
 def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
     params = shrink_training(params)
+    params["frozen"]["train"]["validate_before"] = True  # the untrained head's accuracy
     catalog = make_catalog(
         kaggle_dir, params, tmp_path / "out", predict_folder=kaggle_dir / "train_images"
     )
@@ -52,7 +53,11 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
         ckpt = catalog[f"{stage}.checkpoint"].load()
         assert ckpt["stage"] == stage and ckpt["arch"] == "tf_efficientnet_lite0"
         assert ckpt["image_size"] == 32 and ckpt["best_epoch"] == 0
-        assert "accuracy" in ckpt["start_metrics"]
+        if stage == "frozen":  # validate_before: the starting point, before any step
+            assert 0 <= ckpt["start_metrics"]["accuracy"] <= 1
+            assert ckpt["start_metrics"]["valid_loss"] > 0
+        else:  # fastai's default: no validation pass before the first epoch
+            assert ckpt["start_metrics"] == {}
         hist = catalog[f"{stage}.history"].load()
         assert isinstance(hist, pd.DataFrame)
         assert tuple(hist.columns) == HISTORY_COLUMNS

@@ -50,6 +50,7 @@ def stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) 
         channels_last=bool(p["channels_last"]),
         compile=bool(p["compile"]),
         seed=int(p["seed"]),
+        validate_before=bool(p["validate_before"]),
     )
 
 
