@@ -21,6 +21,10 @@ seed in the same temporary project, so the first run creates its MLflow store; f
 Python process. Each arm runs in its own process, one at a time, alternating which goes first;
 times are wall-clock seconds including interpreter start and imports.
 
+A third child, run once, times the floor: each stage's model work alone (the same steps and
+validation passes on random tensors in memory, no data or bookkeeping); ``--floor-only`` runs
+just that.
+
 Targets (issue 6): our accuracy at least fastai's mean minus one spread (the standard deviation
 over seeds), and our total time at most 0.6 of fastai's.
 """
@@ -241,6 +245,46 @@ def run_ours(data: Path, seed: int, r: dict, work: Path) -> dict:
     }
 
 
+def run_model_only(data: Path, seed: int, r: dict, work: Path) -> dict:
+    """The floor: each stage's model work alone (the same steps and validation passes, on
+    random tensors already in memory, channels-last as ours): no data, no bookkeeping."""
+    import torch
+    import torch.nn.functional as F
+
+    from cassava_pipeline.vision.learner import StageConfig, make_optimizer
+    from cassava_pipeline.vision.models import create_model, freeze, param_groups, unfreeze
+
+    n_train = sum(1 for _ in (data / "train").rglob("*.jpg"))
+    n_valid = sum(1 for _ in (data / "validation").rglob("*.jpg"))
+    n_classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    bs = r["batch_size"]
+    torch.manual_seed(seed)
+    model, _ = create_model("tf_efficientnet_lite0", n_classes, "packaged")
+    model.to(memory_format=torch.channels_last)
+    times: dict[str, float] = {}
+    for i, stage in enumerate(STAGES):
+        size = r["size"][min(i, 1)]
+        (freeze if i == 0 else unfreeze)(model)
+        cfg = StageConfig(name=stage, epochs=r["epochs"][i], lr=1e-4, wd=r["wd"])
+        opt = make_optimizer(model, [1e-4] * len(param_groups(model)), cfg)
+        x = torch.randn(bs, 3, size, size).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, n_classes, (bs,))
+        valid_batches = [min(bs, n_valid - k) for k in range(0, n_valid, bs)]
+        t = time.perf_counter()
+        for _ in range(cfg.epochs):
+            model.train()
+            for _ in range(n_train // bs):  # drop_last, as both loaders
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            model.eval()
+            with torch.no_grad():
+                for b in valid_batches:
+                    model(x[:b])
+        times[stage] = time.perf_counter() - t
+    return {"times": times}
+
+
 # ---- driver --------------------------------------------------------------------------------------
 
 
@@ -250,7 +294,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     r = json.loads(args.recipe)
     work = Path(args.work)
-    run = run_fastai if args.arm == "fastai" else run_ours
+    run = {"fastai": run_fastai, "ours": run_ours, "model": run_model_only}[args.arm]
     t = time.perf_counter()
     out = run(Path(args.data), args.seed, r, work)
     out["total"] = time.perf_counter() - t
@@ -293,7 +337,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr-find-iters", type=int, default=100)
-    p.add_argument("--child", choices=["fastai", "ours"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="only the model-only floor (each stage's model work on random tensors)",
+    )
+    p.add_argument("--child", choices=["fastai", "ours", "model"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -320,6 +369,10 @@ def main() -> None:
         n_train = sum(1 for _ in (data / "train").rglob("*.jpg"))
         n_valid = sum(1 for _ in (data / "validation").rglob("*.jpg"))
         print(f"# clothing-small: {n_train} training and {n_valid} validation photos")
+        floor = spawn("model", data, args.seeds[0], r, Path(tmp))["times"]
+        print("model-only floor: " + " ".join(f"{k}={v:.1f}" for k, v in floor.items()), flush=True)
+        if args.floor_only:
+            return
         for i, seed in enumerate(args.seeds):
             order = ("fastai", "ours") if i % 2 == 0 else ("ours", "fastai")
             for arm in order:
@@ -349,9 +402,14 @@ def main() -> None:
         for out in outs:
             rounded = {k: round(v, 1) for k, v in out["times"].items()}
             print(f"# {arm} times: {json.dumps(rounded)}")
+    for k in STAGES:
+        print(f"| model-only floor: {k} time | | {floor[k]:.1f} s |")
+    (ft, _), (ot, _) = summary["total"]
+    (rest, _) = summary["rest time"][1]
+    print(f"\nfloor: with our data, augmentation and bookkeeping free, ours / fastai would be "
+          f"{(sum(floor.values()) + rest) / ft:.3f}")  # fmt: skip
     (fa, fs), (oa, _) = summary["accuracy"]
     (fta, fts), (ota, _) = summary["tta_accuracy"]
-    (ft, _), (ot, _) = summary["total"]
     print(f"\naccuracy: ours {oa:.4f} vs fastai {fa:.4f} - {fs:.4f} = {fa - fs:.4f}: "
           f"{'met' if oa >= fa - fs else 'MISSED'}")  # fmt: skip
     print(f"tta accuracy: ours {ota:.4f} vs fastai {fta:.4f} - {fts:.4f} = {fta - fts:.4f}: "
