@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/compile.py [--arch ARCH] [--size 160] [--batch-size 32]
 
-The unfrozen stage's step (channels-last, AdamW as ours, random tensors in memory): seconds per
-step eagerly and compiled, the compile time (the first compiled step) and after how many steps
-the compiled model has made up for it. ``compile: true`` in a stage's parameters turns it on.
-Inductor caches what it compiled (``TORCHINDUCTOR_CACHE_DIR``): point it at an empty folder to
-time a cold compile, as a fresh machine sees it.
+The training step of ``benchmarks/train.py`` (channels-last, AdamW as ours, a fixed random batch):
+seconds per step eagerly and compiled, the compile time (the first compiled step) and after how
+many steps the compiled model has made up for it. ``compile: true`` in a stage's parameters
+turns it on. Inductor caches what it compiled (``TORCHINDUCTOR_CACHE_DIR``): point it at an
+empty folder to time a cold compile, as a fresh machine sees it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from cassava_pipeline.vision.learner import StageConfig, make_optimizer
-from cassava_pipeline.vision.models import create_model, param_groups, unfreeze
+from cassava_pipeline.vision.augment import AugmentOptions
+from cassava_pipeline.vision.data import LoaderOptions
+from cassava_pipeline.vision.learner import StageConfig
+from train import model_step  # benchmarks/train.py: the same step it times as "model alone"
 
 
 def main() -> None:
@@ -28,39 +29,32 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    weights = "packaged" if args.arch == "tf_efficientnet_lite0" else "none"
-    x = torch.randn(args.batch_size, 3, args.size, args.size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
+    cfg = StageConfig(
+        name="probe",
+        epochs=1,
+        lr=1e-4,
+        augment=AugmentOptions(size=args.size),
+        loader=LoaderOptions(batch_size=args.batch_size),
+    )
+    cpu = torch.device("cpu")
 
-    def setup():
-        torch.manual_seed(0)
-        model, _ = create_model(args.arch, 10, weights)
-        unfreeze(model)
-        model.to(memory_format=torch.channels_last).train()
-        cfg = StageConfig(name="probe", epochs=1, lr=1e-4)
-        return model, make_optimizer(model, [1e-4] * len(param_groups(model)), cfg)
-
-    def steps(model, opt, n: int) -> float:
+    def timed(step, n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         return time.perf_counter() - t
 
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# {args.arch}, size {args.size}, batch {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {now}")  # fmt: skip
-    model, opt = setup()
-    steps(model, opt, 2)  # warm-up
-    eager = steps(model, opt, args.steps) / args.steps
+    step = model_step(args.arch, 10, cfg, cpu, channels_last=True, bf16=False)
+    timed(step, 2)  # warm-up
+    eager = timed(step, args.steps) / args.steps
     print(f"eager: {eager:.3f} s/step", flush=True)
-    model, opt = setup()
-    compiled_model = torch.compile(model)
-    first = steps(compiled_model, opt, 1)
-    steps(compiled_model, opt, 2)
-    compiled = steps(compiled_model, opt, args.steps) / args.steps
+    step = model_step(args.arch, 10, cfg, cpu, channels_last=True, bf16=False, compile=True)
+    first = timed(step, 1)
+    timed(step, 2)
+    compiled = timed(step, args.steps) / args.steps
     gain = eager - compiled
     even = f"{first / gain:.0f} steps" if gain > 0 else "never"
     print(f"compiled: {compiled:.3f} s/step after {first:.1f} s for compiling and the first step; "

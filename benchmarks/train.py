@@ -115,7 +115,9 @@ def loader_alone(train, cfg, fabric, stats, with_augment: bool) -> tuple[float, 
     return time.perf_counter() - t0, n
 
 
-def model_alone(arch, n_classes, cfg, device, *, channels_last: bool, bf16: bool, steps: int):
+def model_step(arch, n_classes, cfg, device, *, channels_last: bool, bf16: bool, compile=False):
+    """One training step (forward, backward, AdamW step) of a fresh model on a fixed random
+    batch of the stage's size; ``compile``: through ``torch.compile`` (benchmarks/compile.py)."""
     torch.manual_seed(0)
     model, _ = create_model(arch, n_classes, "none")
     model.to(device).train()
@@ -125,14 +127,20 @@ def model_alone(arch, n_classes, cfg, device, *, channels_last: bool, bf16: bool
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = make_optimizer(model, [1e-4] * len(param_groups(model)), cfg)
+    forward = torch.compile(model) if compile else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def model_alone(arch, n_classes, cfg, device, *, channels_last: bool, bf16: bool, steps: int):
+    step = model_step(arch, n_classes, cfg, device, channels_last=channels_last, bf16=bf16)
     step()  # warm-up (allocations, cuDNN autotuning)
     sync(device)
     t0 = time.perf_counter()
