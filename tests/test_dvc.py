@@ -1,9 +1,10 @@
 """`dvc repro` on the embedded sample, in a temporary git repository, as a user runs it.
 
 The fixture copies the project's tracked files (``dvc.yaml`` and ``.dvc/`` included) into a new
-git repository, shrinks the sample and the training in ``conf/local`` (which DVC does not track)
-and runs ``dvc repro`` once. The tests then check what reruns after what changes, experiments,
-and a push to a local remote followed by a pull into an emptied cache.
+git repository, shrinks the sample and the training in an environment of its own (``conf/ci``,
+selected with ``dvc.yaml``'s vars as a user selects ``kaggle``) and runs ``dvc repro`` once. The
+tests then check what reruns after what changes (in conf/base and in the environment's file),
+experiments, and a push to a local remote followed by a pull into an emptied cache.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ ENV = {
     "GIT_COMMITTER_NAME": "test",
     "GIT_COMMITTER_EMAIL": "test@example.org",
 }
-STAGES = ("sample", "data", "train", "evaluate")
+STAGES = ("params", "sample", "data", "train", "evaluate")
+ENV_NAME = "ci"  # the test's Kedro environment: conf/ci, outputs under ci/ folders
 CHECKPOINTS = ("initial.pt", "frozen.pt", "unfrozen.pt", "mixup.pt", "model.safetensors")
 
 
@@ -80,39 +82,57 @@ def repo(tmp_path_factory) -> dict:
     for name in _tracked_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
-    (root / "conf" / "local").mkdir(parents=True, exist_ok=True)
-    (root / "conf" / "local" / "parameters.yml").write_text(yaml.safe_dump(SHRINK))
     git(root, "init", "-q")
+    default_dag = dvc(root, "dag", "--md")  # the committed vars (env: local) parse
+    env_dir = root / "conf" / ENV_NAME
+    env_dir.mkdir(parents=True)
+    (env_dir / "parameters.yml").write_text(yaml.safe_dump(SHRINK))
+    (root / "conf" / "local").mkdir(parents=True, exist_ok=True)  # Kedro needs it to exist
+    dvc_yaml = (root / "dvc.yaml").read_text()
+    for old, new in (("env: local", f"env: {ENV_NAME}"), ('sub: ""', f"sub: {ENV_NAME}/")):
+        assert old in dvc_yaml
+        dvc_yaml = dvc_yaml.replace(old, new, 1)
+    (root / "dvc.yaml").write_text(dvc_yaml)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
     first = dvc(root, "repro")
     second = dvc(root, "repro")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "dvc repro")
-    return {"root": root, "first": first, "second": second}
+    return {"root": root, "first": first, "second": second, "default_dag": default_dag}
+
+
+def out(root: Path, layer: str, name: str) -> Path:
+    """An output of the test environment (under its own folder of each data layer)."""
+    return root / "data" / layer / ENV_NAME / name
+
+
+def params_file(root: Path) -> str:
+    return f"data/08_reporting/{ENV_NAME}/parameters.yml"
 
 
 @pytest.mark.slow
 def test_repro_runs_every_stage_then_nothing(repo):
     root = repo["root"]
+    assert all(f"{s}" in repo["default_dag"] for s in STAGES)
     assert ran(repo["first"]) == list(STAGES)
     assert ran(repo["second"]) == []
     assert json.loads(dvc(root, "status", "--json")) == {}
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(STAGES)
-    # params are the Kedro files' keys, with their values
-    train_params = lock["train"]["params"]["conf/base/parameters_train.yml"]
-    assert train_params["frozen"]["train"]["epochs"] == 3
-    assert train_params["mixup"]["train"]["mixup"] == 0.2
+    # params are the merged parameters of the environment: conf/ci overrides conf/base
+    train_params = lock["train"]["params"][params_file(root)]
+    assert train_params["frozen"]["train"]["epochs"] == 1  # conf/ci (conf/base says 3)
+    assert train_params["mixup"]["train"]["mixup"] == 0.2  # conf/base
+    assert len(train_params["catalog_digest"]) == 64
     metrics = json.loads(dvc(root, "metrics", "show", "--json"))
-    values = metrics[""]["data"]["data/08_reporting/metrics.json"]["data"]
+    values = metrics[""]["data"][f"data/08_reporting/{ENV_NAME}/metrics.json"]["data"]
     assert 0 <= values["with_tta"]["accuracy"] <= 1
-    # what DVC cached is what the pipeline wrote
+    # what DVC cached is what the pipeline wrote, in the environment's own folders
     outs = {o["path"]: o["md5"] for o in lock["train"]["outs"]}
-    assert (
-        outs["data/06_models/mixup.pt"]
-        == hashlib.md5((root / "data/06_models/mixup.pt").read_bytes()).hexdigest()
-    )
+    mixup = out(root, "06_models", "mixup.pt")
+    assert outs[str(mixup.relative_to(root))] == hashlib.md5(mixup.read_bytes()).hexdigest()
+    assert not (root / "data" / "06_models" / "mixup.pt").exists()  # not the default env's
 
 
 def _set_param(root: Path, key: str, value: str) -> None:
@@ -134,29 +154,34 @@ def _set_param(root: Path, key: str, value: str) -> None:
 @pytest.mark.slow
 def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
     root = repo["root"]
-    shards = root / "data" / "05_model_input" / "presized_large"
+    shards = out(root, "05_model_input", "presized_large")
     before = {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()}
-    old_model = sha256(root / "data" / "06_models" / "mixup.pt")
+    old_model = sha256(out(root, "06_models", "mixup.pt"))
 
     _set_param(root, "mixup.train.wd", "0.05")
-    diff = json.loads(dvc(root, "params", "diff", "--json"))
-    change = diff["conf/base/parameters_train.yml"]["mixup.train.wd"]
-    assert (change["old"], change["new"]) == (0.01, 0.05)
     log = dvc(root, "repro")
-    assert ran(log) == ["train", "evaluate"]
-    # the persisted resume folder: the first two stages' settings did not change, so their
-    # finished runs are reused; mixup's fingerprint differs, so it trains again
+    assert ran(log) == ["params", "train", "evaluate"]
+    diff = json.loads(dvc(root, "params", "diff", "--json"))
+    change = diff[params_file(root)]["mixup.train.wd"]
+    assert (change["old"], change["new"]) == (0.01, 0.05)
+    # the persisted resume folder: the first two stages' inputs did not change, so their
+    # finished runs are reused, and so is the lr_find sweep; mixup's settings differ
     text = " ".join(log.split())
     assert text.count("finished; reusing it") == 2, log[-4000:]
-    assert re.search(r"mixup: \S+ is another run's", text), log[-4000:]
+    assert "lr_find: " in text and "holds this sweep (same inputs)" in text, log[-4000:]
+    assert re.search(
+        r"mixup: \S+last\.pt was trained with other stage settings \(wd 0\.01 -> 0\.05\); "
+        r"training from the start",
+        text,
+    ), log[-4000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the data stage's shards
-    assert sha256(root / "data" / "06_models" / "mixup.pt") != old_model
+    assert sha256(out(root, "06_models", "mixup.pt")) != old_model
     git(root, "add", "-A")
     git(root, "commit", "-qm", "wd 0.05")
 
     # an experiment on an evaluation parameter: only evaluate reruns
     log = dvc(root, "exp", "run", "-S", "conf/base/parameters_evaluate.yml:tta.beta=0.5")
-    assert ran(log) == ["evaluate"]
+    assert ran(log) == ["params", "evaluate"]
     rows = json.loads(dvc(root, "exp", "show", "--json"))
     baseline = next(r for r in rows if r["rev"] != "workspace")
     exps = [e for r in rows for e in (r.get("experiments") or [])]
@@ -165,11 +190,11 @@ def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
 
     def summary(entry) -> tuple[float, float, float]:
         data = entry["data"]
-        metrics = data["metrics"]["data/08_reporting/metrics.json"]["data"]
-        params = data["params"]
+        metrics = data["metrics"][f"data/08_reporting/{ENV_NAME}/metrics.json"]["data"]
+        params = data["params"][params_file(root)]["data"]
         return (
-            params["conf/base/parameters_train.yml"]["data"]["mixup"]["train"]["wd"],
-            params["conf/base/parameters_evaluate.yml"]["data"]["tta"]["beta"],
+            params["mixup"]["train"]["wd"],
+            params["tta"]["beta"],
             metrics["with_tta"]["accuracy"],
         )
 
@@ -180,9 +205,31 @@ def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
 
 
 @pytest.mark.slow
+def test_a_parameter_in_the_environments_file_reruns_train(repo):
+    """conf/ci is the environment in use: its own file counts, key by key."""
+    root = repo["root"]
+    env_file = root / "conf" / ENV_NAME / "parameters.yml"
+    params = yaml.safe_load(env_file.read_text())
+    params["unfrozen"]["train"]["wd"] = 0.02
+    env_file.write_text(yaml.safe_dump(params))
+    log = dvc(root, "repro")
+    assert ran(log) == ["params", "train", "evaluate"]
+    text = " ".join(log.split())
+    assert "frozen: " in text and text.count("finished; reusing it") == 1, log[-4000:]
+    assert re.search(
+        r"unfrozen: \S+ was trained with other stage settings \(wd 0\.01 -> 0\.02\)", text
+    ), log[-4000:]
+    # mixup starts from unfrozen's new weights
+    assert re.search(r"mixup: \S+ started from other weights", text), log[-4000:]
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "unfrozen wd 0.02 in conf/ci")
+    assert json.loads(dvc(root, "status", "--json")) == {}
+
+
+@pytest.mark.slow
 def test_push_then_pull_restores_the_checkpoints_bit_for_bit(repo, tmp_path):
     root = repo["root"]
-    models = root / "data" / "06_models"
+    models = root / "data" / "06_models" / ENV_NAME
     hashes = {name: sha256(models / name) for name in CHECKPOINTS}
     resume = {p.relative_to(models): sha256(p) for p in (models / "resume").rglob("*.pt")}
     assert resume  # the per-epoch checkpoints are an output too (persist: true)
@@ -191,7 +238,7 @@ def test_push_then_pull_restores_the_checkpoints_bit_for_bit(repo, tmp_path):
 
     shutil.rmtree(root / ".dvc" / "cache")
     shutil.rmtree(models)
-    shutil.rmtree(root / "data" / "05_model_input")
+    shutil.rmtree(root / "data" / "05_model_input" / ENV_NAME)
     assert "deleted" in dvc(root, "status")
     dvc(root, "pull")
     assert {name: sha256(models / name) for name in CHECKPOINTS} == hashes
@@ -243,5 +290,7 @@ def test_each_stage_depends_on_the_code_it_runs(stage, pipelines):
 
     needed = set().union(*(_imported_files(f"cassava_pipeline.pipelines.{p}") for p in pipelines))
     needed |= {f"src/cassava_pipeline/pipelines/{p}/pipeline.py" for p in pipelines}
+    if stage != "sample":  # the project's settings, config loader and hooks shape every run
+        needed |= {f"src/cassava_pipeline/{m}.py" for m in ("settings", "config", "hooks")}
     assert sorted(p for p in needed if not covered(p)) == []
     assert all((REPO / d).exists() for d in deps if not d.startswith(("${", "data/")))

@@ -35,12 +35,14 @@ def coloured_images(root: Path, per_class: int = 12, w: int = 48, h: int = 40) -
     return root
 
 
-def tiny_shards(tmp: Path, presize: int = 40, per_class: int = 12) -> ShardedImages:
+def tiny_shards(
+    tmp: Path, presize: int = 40, per_class: int = 12, split_seed: int = 0
+) -> ShardedImages:
     """Presized shards of :func:`coloured_images`, split 75/25."""
     root = coloured_images(tmp / "raw", per_class)
     manifest, report = ingest(root, FolderLayout(), IngestOptions(workers=1))
     classes = [c["name"] for c in report["classes"]]
-    manifest, _ = split(manifest, classes, SplitOptions(valid_pct=0.25, seed=0))
+    manifest, _ = split(manifest, classes, SplitOptions(valid_pct=0.25, seed=split_seed))
     write_shards(
         PresizeJob(str(root), manifest, tuple(classes), PresizeOptions(size=presize, workers=1)),
         tmp / "shards",

@@ -68,6 +68,7 @@ def make_catalog(
     }
     for ns in ("small", "large"):
         datasets[f"{ns}.presized_images"] = ImageShardsDataset(path=str(out / ns))
+    datasets["lr_find_resume_dir"] = WorkDirDataset(path=str(out / "resume" / "lr_find"))
     for stage in ("frozen", "unfrozen", "mixup"):
         datasets[f"{stage}.checkpoint"] = CheckpointDataset(path=str(out / f"{stage}.pt"))
         datasets[f"{stage}.resume_dir"] = WorkDirDataset(path=str(out / "resume" / stage))

@@ -9,7 +9,10 @@
 - the device, precision (bf16, fp16 with a GradScaler) and data parallelism (DDP) come from
   Lightning Fabric; channels-last, ``torch.compile`` and gradient accumulation are options;
 - a checkpoint after every epoch, written atomically, holding everything a resumed run needs to
-  end bit for bit where an uninterrupted run ends (on CPU);
+  end bit for bit where an uninterrupted run ends (on CPU), and the fingerprint of what it was
+  computed from (:mod:`.provenance`): it is resumed or reused only when all of that is equal;
+- each stage draws its own random streams (order, crops, augmentation, mixup, dropout) from the
+  seed and the stage's name;
 - the best epoch by the monitored metric is what the stage returns (``SaveModelCallback``).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import os
@@ -35,6 +39,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
+from .provenance import explain, fingerprint, stage_seed
 from .schedule import (
     LrFindOptions,
     OneCycle,
@@ -48,7 +53,7 @@ from .shards import ShardedImages
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: fingerprints record every input (provenance)
 # Columns of a stage's per-epoch history, in order.
 HISTORY_COLUMNS = (
     "stage",
@@ -109,6 +114,7 @@ class StageResult:
     best_epoch: int
     best_metric: float
     start_metrics: dict[str, float] = field(default_factory=dict)  # before the first epoch
+    trained_on: dict[str, str] = field(default_factory=dict)  # the shards' content digests
 
 
 def fine_tune_stages(
@@ -190,28 +196,30 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------
     def loaders(self, train: ShardedImages, valid: ShardedImages, cfg: StageConfig):
+        """(training, validation) loaders; the training order and crops follow the stage's seed."""
         f = self.fabric
         cuda = f.device.type == "cuda"
+        seed = stage_seed(cfg.seed, cfg.name)
         tr_sampler = EpochSampler(
-            len(train), shuffle=True, seed=cfg.seed, rank=f.global_rank, world_size=f.world_size
+            len(train), shuffle=True, seed=seed, rank=f.global_rank, world_size=f.world_size
         )
         va_sampler = EpochSampler(
             len(valid),
             shuffle=False,
-            seed=cfg.seed,
+            seed=seed,
             rank=f.global_rank,
             world_size=f.world_size,
             pad=False,
         )
         tr = make_loader(
-            CroppedItems(train, train=True, seed=cfg.seed),
+            CroppedItems(train, train=True, seed=seed),
             tr_sampler,
             cfg.loader,
             drop_last=len(train) >= cfg.loader.batch_size * f.world_size,
             cuda=cuda,
         )
         va = make_loader(
-            CroppedItems(valid, train=False, seed=cfg.seed),
+            CroppedItems(valid, train=False, seed=seed),
             va_sampler,
             cfg.loader,
             drop_last=False,
@@ -263,14 +271,17 @@ class Trainer:
     ) -> StageResult:
         """``fit_one_cycle(cfg.epochs, cfg.lr)`` with the stage's freezing, mixup and options.
 
-        Resumes from ``checkpoint_dir/last.pt`` when it holds a run of the same configuration,
-        data sizes and starting weights: an unfinished one goes on from its last epoch, a
-        finished one is returned as it is (same seed, same inputs: the same result).
+        Resumes from ``checkpoint_dir/last.pt`` when its fingerprint equals this run's (the
+        settings, learning rate, shards' content, starting weights, precision, device type,
+        world size, code and package versions): an unfinished one goes on from its last epoch,
+        a finished one is returned as it is (same inputs: the same result). Otherwise one log
+        line says which input differs, and the stage trains from the start.
         ``stop_after_epochs`` simulates an interruption (tests).
         """
         f = self.fabric
-        start_digest = weights_digest(self.model.state_dict())
-        torch.manual_seed(cfg.seed)
+        fp = self.fingerprint(train, cfg, cfg.lr)
+        seed = stage_seed(cfg.seed, cfg.name)
+        torch.manual_seed(seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
         lrs = discriminative_lrs(cfg.lr, len(param_groups(self.model)))
         if cfg.channels_last:  # before DDP wraps it: gradient buckets follow the layout
@@ -282,8 +293,8 @@ class Trainer:
         steps_per_epoch = max(1, len(tr_loader) // cfg.grad_accum)
         sched = OneCycleScheduler(opt, cfg.epochs * steps_per_epoch, cfg.cycle)
         augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
-        gen = torch.Generator(device=f.device).manual_seed(cfg.seed + 7919 * f.global_rank)
-        mix_gen = torch.Generator().manual_seed(cfg.seed + 104729 * f.global_rank)
+        gen = torch.Generator(device=f.device).manual_seed(seed + 7919 * f.global_rank)
+        mix_gen = torch.Generator().manual_seed(seed + 104729 * f.global_rank)
 
         state = {
             "epoch": 0,
@@ -294,23 +305,25 @@ class Trainer:
             "smooth": [0.0, 0],  # fastai's running train loss carries across epochs
             "start_metrics": {},
         }
-        fingerprint = _fingerprint(cfg, len(train), len(valid), f.world_size, start_digest)
         ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
         if ckpt is not None and ckpt.exists():
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            if saved.get("fingerprint") == fingerprint:
+            reason = explain(saved.get("fingerprint"), fp)
+            if reason is None:
                 _restore(saved, model, opt, sched, gen, mix_gen)
                 state = {k: saved[k] for k in state}
                 done = "finished; reusing it" if state["epoch"] >= cfg.epochs else "resuming"
                 logger.info(
                     "%s: %s holds this run after epoch %d: %s",
                     cfg.name,
-                    ckpt,
+                    display_path(ckpt),
                     state["epoch"],
                     done,
                 )
-            else:
-                logger.info("%s: %s is another run's (settings or inputs differ)", cfg.name, ckpt)
+            elif f.is_global_zero:
+                logger.info(
+                    "%s: %s %s; training from the start", cfg.name, display_path(ckpt), reason
+                )
 
         maximize = cfg.monitor != "valid_loss"
         smooth = SmoothLoss()
@@ -392,9 +405,7 @@ class Trainer:
             if f.is_global_zero:
                 logger.info("%s: %s", cfg.name, _row(row))
                 if ckpt is not None:
-                    _save_atomic(
-                        _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen), ckpt
-                    )
+                    _save_atomic(_snapshot(state, fp, model, opt, sched, gen, mix_gen), ckpt)
             if on_epoch is not None and f.is_global_zero:
                 on_epoch(row)
             f.barrier()
@@ -418,14 +429,55 @@ class Trainer:
             state["best_epoch"],
             state["best_metric"] if state["best_metric"] is not None else math.nan,
             state["start_metrics"],
+            train.content,
+        )
+
+    def fingerprint(self, train: ShardedImages, cfg: StageConfig, lr: Any) -> dict[str, Any]:
+        """What this stage's (or sweep's) result on ``train``'s shards is computed from."""
+        settings = asdict(cfg)
+        settings.pop("lr")  # a part of its own: the rate actually used
+        for key in ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor"):
+            settings["loader"].pop(key, None)  # they change nothing in the result
+        return fingerprint(
+            settings=settings,
+            lr=lr,
+            shards=train.content,
+            start=weights_digest(self.model.state_dict()),
+            precision=str(self.fabric.strategy.precision.precision),
+            device=self.fabric.device.type,
+            world_size=self.fabric.world_size,
         )
 
     def lr_find(
-        self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions
+        self,
+        train: ShardedImages,
+        cfg: StageConfig,
+        options: LrFindOptions,
+        *,
+        cache_file: Path | None = None,
     ) -> dict[str, Any]:
-        """fastai's ``lr_find``: sweep, stop on divergence, restore the weights, suggest."""
+        """fastai's ``lr_find``: sweep, stop on divergence, restore the weights, suggest.
+
+        With ``cache_file``, a sweep stored there from the same inputs (the fingerprint of
+        :meth:`fit`, with the sweep's options) is returned instead of sweeping again, so a
+        resumed run keeps its suggestion and the stages trained with it stay valid.
+        """
+        fp = self.fingerprint(train, cfg, asdict(options))
+        if cache_file is not None:
+            cached = _load_sweep(cache_file, fp)
+            if cached is not None:
+                return cached
+        result = self._sweep(train, cfg, options)
+        if cache_file is not None and self.fabric.is_global_zero:
+            body = {"fingerprint": fp, "result": result}
+            payload = json.dumps({**body, "sha256": _json_sha256(body)}).encode()
+            _save_atomic(payload, cache_file)
+        return result
+
+    def _sweep(self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions):
         f = self.fabric
-        torch.manual_seed(cfg.seed)
+        seed = stage_seed(cfg.seed, cfg.name)
+        torch.manual_seed(seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
         saved = copy.deepcopy(self.model.state_dict())
         n_groups = len(param_groups(self.model))
@@ -435,7 +487,7 @@ class Trainer:
         model, opt = f.setup(self.model, opt)
         tr_loader, _ = self.loaders(train, train, cfg)
         augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
-        gen = torch.Generator(device=f.device).manual_seed(cfg.seed)
+        gen = torch.Generator(device=f.device).manual_seed(seed)
         smooth, best = SmoothLoss(options.beta), math.inf
         lrs, losses = [], []
         model.train()
@@ -505,11 +557,44 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(cfg: StageConfig, n_train: int, n_valid: int, world: int, start: str) -> str:
-    d = asdict(cfg)
-    d["loader"].pop("num_workers", None)  # they change nothing in the result
-    d["loader"].pop("persistent_workers", None)
-    return repr((d, n_train, n_valid, world, start, CHECKPOINT_VERSION))
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory (the project) where it lies under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _load_sweep(path: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+    """The sweep stored in ``path`` if it is intact and was computed from ``fp``; else None."""
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        body = {"fingerprint": stored["fingerprint"], "result": stored["result"]}
+        intact = stored["sha256"] == _json_sha256(body)
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        logger.warning(
+            "lr_find: %s is damaged (its content does not match its sha256); sweeping again",
+            display_path(path),
+        )
+        return None
+    reason = explain(stored["fingerprint"], fp)
+    if reason is not None:
+        logger.info("lr_find: %s %s; sweeping again", display_path(path), reason)
+        return None
+    logger.info(
+        "lr_find: %s holds this sweep (same inputs): suggested lr (valley) %.3g, reusing it",
+        display_path(path),
+        stored["result"]["suggestion"],
+    )
+    return stored["result"]
 
 
 def _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen) -> dict[str, Any]:
@@ -539,11 +624,15 @@ def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """torch.save (or bytes as they are) to a temporary file in the same folder, fsync, then
+    rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        if isinstance(obj, bytes):
+            fh.write(obj)
+        else:
+            torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -115,11 +115,12 @@ def train_in_fabric(
         return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))
 
 
-def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime) -> dict[str, Any]:
+def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime, cache_file) -> dict[str, Any]:
     _threads(fabric)
     model, stats = model_from_checkpoint(checkpoint)
     train, _ = shards.split()
-    return Trainer(fabric, model, stats, progress=runtime.progress).lr_find(train, cfg, options)
+    trainer = Trainer(fabric, model, stats, progress=runtime.progress)
+    return trainer.lr_find(train, cfg, options, cache_file=cache_file)
 
 
 def lr_find_in_fabric(
@@ -128,11 +129,23 @@ def lr_find_in_fabric(
     cfg: StageConfig,
     options: LrFindOptions,
     runtime: RuntimeConfig,
+    *,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """fastai's lr_find for the model of ``checkpoint`` (always one process: it is a sweep)."""
+    """fastai's lr_find for the model of ``checkpoint`` (always one process: it is a sweep).
+
+    With ``cache_dir``, the sweep is stored in ``cache_dir/lr_find.json`` with the fingerprint
+    of its inputs and reused while they are equal (:meth:`Trainer.lr_find`).
+    """
     single = RuntimeConfig(**{**runtime.__dict__, "devices": 1, "num_nodes": 1, "strategy": "auto"})
     fabric = make_fabric(single)
     job = partial(
-        _lr_find, checkpoint=checkpoint, shards=shards, cfg=cfg, options=options, runtime=single
+        _lr_find,
+        checkpoint=checkpoint,
+        shards=shards,
+        cfg=cfg,
+        options=options,
+        runtime=single,
+        cache_file=Path(cache_dir) / "lr_find.json" if cache_dir is not None else None,
     )
     return fabric.launch(job)

@@ -55,6 +55,11 @@ class ShardedImages:
         return int(self.meta["size"])
 
     @property
+    def content(self) -> dict[str, str]:
+        """The content digests written with the shards (:func:`.presize.content_digests`)."""
+        return dict(self.meta["content"])
+
+    @property
     def classes(self) -> list[str]:
         """Class names in label order."""
         return list(self.meta["classes"])

@@ -26,6 +26,7 @@ from cassava_pipeline.vision.plots import (
     lr_find_figure,
     short_name,
 )
+from cassava_pipeline.vision.provenance import shards_difference
 from cassava_pipeline.vision.run import inference_device, model_from_checkpoint
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions, tta
@@ -46,6 +47,13 @@ def evaluate(
 
     The augmentations and image size are the last training stage's.
     """
+    differs = shards_difference(checkpoint.get("trained_on"), presized_images.content)
+    if differs is not None:  # e.g. a new split: the validation side may hold training images
+        raise ValueError(
+            f"The {checkpoint.get('stage')} checkpoint was trained on other shards than the "
+            f"ones being evaluated ({differs}): its scores would not be validation scores. "
+            "Train again on these shards: kedro run --pipelines=train (or dvc repro)."
+        )
     cfg = stage_config("evaluate", stage_params, 0.0)
     options = TtaOptions(**tta_params)
     model, stats = model_from_checkpoint(checkpoint)

@@ -103,15 +103,26 @@ def init_model(data_report: dict, model_params: dict[str, Any]) -> dict[str, Any
 def find_lr(
     checkpoint: dict[str, Any],
     presized_images: ShardedImages,
+    resume_dir: Path,
     stage_params: dict[str, Any],
     lr_find_params: dict[str, Any],
     runtime_params: dict[str, Any],
 ) -> dict[str, Any]:
-    """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``."""
+    """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``.
+
+    The sweep is kept in ``resume_dir`` and reused while its inputs are equal, so a resumed run
+    does not sweep again (and cannot move the suggestion under finished stages).
+    """
     options = LrFindOptions(**lr_find_params)
     cfg = stage_config("lr_find", stage_params, options.start_lr)
-    result = lr_find_in_fabric(checkpoint, presized_images, cfg, options, _runtime(runtime_params))
-    return result
+    return lr_find_in_fabric(
+        checkpoint,
+        presized_images,
+        cfg,
+        options,
+        _runtime(runtime_params),
+        cache_dir=resume_dir,
+    )
 
 
 def train_stage(
@@ -148,6 +159,7 @@ def train_stage(
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "start_metrics": result.start_metrics,
+        "trained_on": result.trained_on,  # the shards' content digests (split, presize, ...)
         "monitor": cfg.monitor,
         "model": result.state_dict,
     }

@@ -52,6 +52,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "initial_checkpoint",
                     "small.presized_images",
+                    "lr_find_resume_dir",  # the sweep is kept and reused while its inputs hold
                     "params:frozen.train",
                     "params:lr_find",
                     "params:runtime",
