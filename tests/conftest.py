@@ -17,7 +17,11 @@ from tests.images import gradient_rgb, jpeg_bytes, write_jpeg
 @pytest.fixture
 def kaggle_dir(tmp_path: Path) -> Path:
     """A tiny Kaggle-layout data set: 3 classes x 6 images, 40x30 JPEGs."""
-    root = tmp_path / "kaggle"
+    return write_kaggle_dir(tmp_path / "kaggle")
+
+
+def write_kaggle_dir(root: Path) -> Path:
+    """Write the :func:`kaggle_dir` data set into ``root``."""
     rows = []
     for label in range(3):
         for j in range(6):

@@ -38,17 +38,20 @@ TRAINING_MODULES = (
 # Packages whose versions change those numbers (kernels, resampling, RNGs, decoders).
 TRAINING_PACKAGES = ("torch", "torchvision", "timm", "lightning-fabric", "numpy", "pillow")
 
-# Parts of a fingerprint in the order they are compared, with what a difference means.
+# Parts of a fingerprint with what a difference means, causes before consequences: other code,
+# packages, precision, device or world size change every number downstream (lr_find's
+# suggestion, hence the learning rate, and the weights a later stage starts from), and other
+# settings or shards change the learning rate and the starting weights too.
 _PARTS = (
-    ("settings", "was trained with other stage settings"),
-    ("lr", "was trained at another learning rate"),
-    ("shards", "was trained on other shards"),
-    ("start", "started from other weights (an earlier stage or the model changed)"),
+    ("code", "was trained by other code"),
+    ("packages", "was trained with other package versions"),
     ("precision", "was trained at another precision"),
     ("device", "was trained on another device type"),
     ("world_size", "was trained by another number of processes"),
-    ("code", "was trained by other code"),
-    ("packages", "was trained with other package versions"),
+    ("settings", "was trained with other stage settings"),
+    ("shards", "was trained on other shards"),
+    ("lr", "was trained at another learning rate"),
+    ("start", "started from other weights (an earlier stage or the model changed)"),
 )
 # Parts of the shards' content digest (see presize.content_digests), in words.
 SHARD_PARTS = {
@@ -138,6 +141,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 24 else text[:21] + "..."
 
