@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,51 @@ def test_jpeg_encoding_is_small_close_and_deterministic(kaggle_dir: Path, tmp_pa
 def test_unknown_encoding(kaggle_dir: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="encoding"):
         write_shards(job(kaggle_dir, 20, encoding="png"), tmp_path / "o")
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_meta_records_the_digest_of_every_file(kaggle_dir: Path, tmp_path: Path, encoding):
+    write_shards(
+        job(kaggle_dir, 20, workers=2, chunk_size=2, shard_mb=0, encoding=encoding), tmp_path
+    )
+    meta = ShardedImages(tmp_path).meta
+    assert len(meta["shards"]) == 18  # shard_mb 0: one image per shard
+    for shard in meta["shards"]:
+        data = (tmp_path / shard["file"]).read_bytes()
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
+    index = (tmp_path / "index.parquet").read_bytes()
+    assert meta["index_sha256"] == hashlib.sha256(index).hexdigest()
+
+
+def test_content_digests_trace_each_change_to_its_part(kaggle_dir: Path, tmp_path: Path):
+    """Same inputs, same digests (whatever the workers); each kind of change moves its parts."""
+
+    def content(name: str, j: PresizeJob) -> dict[str, str]:
+        write_shards(j, tmp_path / name)
+        return ShardedImages(tmp_path / name).content
+
+    base_job = job(kaggle_dir, 20, workers=1)
+    base = content("base", base_job)
+    assert set(base) == {"split", "labels", "images", "presize", "classes", "pixels", "digest"}
+    assert content("workers", job(kaggle_dir, 20, workers=2, chunk_size=2)) == base
+
+    def changed(other: dict[str, str]) -> set[str]:
+        return {k for k in base if other[k] != base[k]}
+
+    manifest = base_job.manifest.copy()
+    manifest["is_valid"] = ~manifest["is_valid"].astype(bool)  # another split, same images
+    assert changed(content("split", replace(base_job, manifest=manifest))) == {"split", "digest"}
+    manifest = base_job.manifest.copy()
+    manifest["label"] = (manifest["label"] + 1) % 3
+    assert changed(content("labels", replace(base_job, manifest=manifest))) == {"labels", "digest"}
+    bigger = content("size", job(kaggle_dir, 24, workers=1))
+    assert changed(bigger) == {"presize", "pixels", "digest"}
+    jpeg = content("jpeg", job(kaggle_dir, 20, workers=1, encoding="jpeg"))
+    assert changed(jpeg) == {"presize", "pixels", "digest"}
+    path = kaggle_dir / base_job.manifest["path"].iat[0]  # one source image redrawn
+    path.write_bytes(jpeg_bytes(gradient_rgb(30, 40, seed=99)))
+    assert changed(content("image", job(kaggle_dir, 20, workers=1))) == {
+        "images",
+        "pixels",
+        "digest",
+    }
