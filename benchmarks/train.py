@@ -10,7 +10,10 @@ batches and settings, in one run:
    AdamW step, one-cycle scheduler step); target: overhead at most 5%;
 2. the data loader alone (crop + collate, and with the batch augmentation) against the model
    step alone (forward, backward, optimizer step on a fixed batch); target: loader >= 2x model;
-3. the model step with channels-last and bf16 autocast on and off.
+3. the model step with channels-last and bf16 autocast on and off;
+4. the fingerprint a stage computes before it starts (a digest of its starting weights, the
+   shards' recorded digests, code digests): its time against one epoch of ours (target: at
+   most 5%; it decides whether a resume file may be reused).
 Each figure is the best of ``--rounds`` interleaved rounds.
 """
 
@@ -202,6 +205,10 @@ def main() -> None:
                 else:
                     t = bare(m, stats, train, cfg, fabric, precision != "32-true")
                     keep("bare PyTorch loop", t, n)
+            m, stats = create_model(args.arch, ncls, "none")
+            t0 = time.perf_counter()
+            Trainer(fabric, m, stats, progress=False).fingerprint(train, cfg, cfg.lr)
+            keep("stage fingerprint", time.perf_counter() - t0, 1)
             keep("loader alone (crop+collate)", *loader_alone(train, cfg, fabric, stats, False))
             keep("loader + batch augment", *loader_alone(train, cfg, fabric, stats, True))
             for cl in (True, False):
@@ -213,7 +220,12 @@ def main() -> None:
                         args.arch, ncls, cfg, device, channels_last=cl, bf16=bf16, steps=steps
                     )
                     keep(name, t, k)
+        fingerprint_s = 1 / best.pop("stage fingerprint")
         res = {f"{k} (img/s)": round(v, 1) for k, v in best.items()}
+        res["stage fingerprint (ms)"] = round(fingerprint_s * 1000, 1)
+        res["fingerprint / one epoch of ours [target <= 0.05]"] = round(
+            fingerprint_s / (n / best["ours: Trainer.fit"]), 4
+        )
         res["overhead of ours vs bare [target <= 5%]"] = (
             f"{(best['bare PyTorch loop'] / best['ours: Trainer.fit'] - 1) * 100:.1f}%"
         )
