@@ -4,7 +4,6 @@ hold, and retrains, saying why, as soon as one changes. Nothing stale is ever ev
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -20,18 +19,9 @@ from cassava_pipeline.vision.export import load_exported
 from cassava_pipeline.vision.shards import ShardedImages
 from tests.conftest import write_kaggle_dir
 from tests.pipelines.conftest import make_catalog, shrink_training
+from tests.pipelines.train.test_reproducible import output_digests
 
 STAGE_NAMES = ("frozen", "unfrozen", "mixup")
-OUTPUTS = (
-    "initial.pt",
-    "frozen.pt",
-    "unfrozen.pt",
-    "mixup.pt",
-    "model.safetensors",
-    "metrics.json",
-    "interpretation.json",
-    "lr_find.json",
-)
 
 
 def _run(raw: Path, params: dict, out: Path, caplog) -> str:
@@ -39,10 +29,6 @@ def _run(raw: Path, params: dict, out: Path, caplog) -> str:
     caplog.set_level(logging.INFO, logger="cassava_pipeline")
     SequentialRunner().run(register_pipelines()["cassava"], make_catalog(raw, params, out))
     return caplog.text
-
-
-def _digests(out: Path) -> dict[str, str]:
-    return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in OUTPUTS}
 
 
 def _line(stage: str, out: Path, reason: str) -> str:
@@ -61,7 +47,7 @@ def first_run(tmp_path_factory, base_params) -> dict:
     params = shrink_training(params)
     out = tmp / "out"
     SequentialRunner().run(register_pipelines()["cassava"], make_catalog(raw, params, out))
-    return {"raw": raw, "params": params, "out": out, "digests": _digests(out)}
+    return {"raw": raw, "params": params, "out": out, "digests": output_digests(out)}
 
 
 @pytest.fixture
@@ -100,7 +86,7 @@ def test_nothing_changed_reuses_every_stage_bit_for_bit(first_run, rerun):
         assert f"{stage}: {out / 'resume' / stage / 'last.pt'} holds this run" in log
     assert log.count("finished; reusing it") == 3
     assert "holds this sweep (same inputs)" in log and "training from the start" not in log
-    assert _digests(out) == first_run["digests"]
+    assert output_digests(out) == first_run["digests"]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ FILES = (
 )
 
 
-def _digests(out: Path) -> dict[str, str]:
+def output_digests(out: Path) -> dict[str, str]:
     return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
 
 
@@ -35,5 +35,5 @@ def test_two_seeded_runs_write_identical_files(kaggle_dir: Path, params, tmp_pat
         out = tmp_path / f"run{i}"
         catalog = make_catalog(kaggle_dir, params, out)
         SequentialRunner().run(register_pipelines()["cassava"], catalog)
-        digests.append(_digests(out))
+        digests.append(output_digests(out))
     assert digests[0] == digests[1]
