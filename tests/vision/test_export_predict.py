@@ -66,7 +66,7 @@ def test_loading_refuses_pickles_and_foreign_files(tmp_path: Path):
     from safetensors.torch import save
 
     plain = save({"w": torch.zeros(2)})
-    with pytest.raises(ExportError, match="expected 'cassava-pipeline/model-v1'"):
+    with pytest.raises(ExportError, match="expected 'cassava-pipeline/model-v2'"):
         read_card(plain, source="other.safetensors")
 
 

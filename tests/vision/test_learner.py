@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cassava_pipeline.datasets import CheckpointDataset
 from cassava_pipeline.vision import provenance
 from cassava_pipeline.vision.learner import HISTORY_COLUMNS, RuntimeConfig
 from cassava_pipeline.vision.run import lr_find_in_fabric, model_from_checkpoint, train_in_fabric
@@ -179,21 +178,6 @@ def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog,
         initial_checkpoint(seed=1), shards, stage(), options, CPU, cache_dir=tmp_path
     )
     assert "damaged" in caplog.text and fresh == other
-
-
-def test_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path):
-    path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "payload": _Payload()}, path)
-    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
-        CheckpointDataset(path=str(path)).load()
-    safe = CheckpointDataset(path=str(tmp_path / "ok.pt"))
-    safe.save({"model": {"w": torch.ones(2)}, "classes": ["a"], "best_metric": 0.5})
-    assert safe.load()["classes"] == ["a"]
-
-
-class _Payload:
-    def __reduce__(self):
-        return (print, ("this must never run",))
 
 
 def test_gradient_accumulation_steps_the_optimizer_every_k_batches(shards, tmp_path: Path):

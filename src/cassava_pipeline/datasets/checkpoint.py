@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
 from kedro.io import AbstractDataset
+
+from cassava_pipeline.vision.integrity import load_checkpoint, save_checkpoint
 
 
 def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -26,9 +27,11 @@ def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 class CheckpointDataset(AbstractDataset[dict, dict]):
-    """A ``torch.save``d dict, written atomically and loaded with ``weights_only=True``.
+    """A ``torch.save``d dict with the sha256 of its content, written atomically, verified and
+    loaded with ``weights_only=True`` (:mod:`cassava_pipeline.vision.integrity`).
 
-    Loading never unpickles arbitrary objects: a file holding one is refused by torch.
+    A damaged, truncated or foreign file (one holding pickled objects) is refused with an error
+    naming it and the pipeline that writes it again.
     """
 
     def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
@@ -36,10 +39,13 @@ class CheckpointDataset(AbstractDataset[dict, dict]):
         self.metadata = metadata
 
     def load(self) -> dict:
-        return torch.load(self._path, map_location="cpu", weights_only=True)
+        return load_checkpoint(
+            self._path,
+            todo="Delete it and write it again: kedro run --pipelines=train (or dvc repro train)",
+        )
 
     def save(self, data: dict) -> None:
-        write_atomic_rank0(self._path, lambda fh: torch.save(data, fh))
+        write_atomic_rank0(self._path, lambda fh: save_checkpoint(data, fh))
 
     def _exists(self) -> bool:
         return self._path.is_file()

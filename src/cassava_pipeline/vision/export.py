@@ -4,7 +4,9 @@ The card holds everything needed to rebuild the network and feed it images the w
 trained: architecture and head, class names and the source's label ids (Kaggle's 0..4),
 normalisation statistics, presize and image size, the augmentations TTA replays, and the recipe
 version. Loading reads tensors and JSON only: safetensors cannot hold code, so loading a model
-never unpickles anything (unlike ``torch.load`` of a pickled module).
+never unpickles anything (unlike ``torch.load`` of a pickled module). The header also holds the
+sha256 of the weights (:func:`.integrity.content_sha256`), checked on every load: a damaged file
+is refused, never predicted with.
 
     from cassava_pipeline.vision.export import load_exported
     model, card = load_exported("data/06_models/model.safetensors")
@@ -23,9 +25,14 @@ from safetensors.torch import save as st_save
 
 from .augment import AugmentOptions
 from .images import DEFAULT_MAX_PIXELS
+from .integrity import content_sha256
 from .models import Stats, create_model
 
-MODEL_FORMAT = "cassava-pipeline/model-v1"
+MODEL_FORMAT = "cassava-pipeline/model-v2"  # v2: the header holds the weights' sha256
+_REEXPORT = (
+    "Do not use it; export it again (kedro run --pipelines=train, or dvc repro train) or restore "
+    "it (dvc pull)"
+)
 # One header key: safetensors writes its metadata map in no fixed order, so two keys would make
 # two saves of the same model differ byte for byte.
 _HEADER_KEY = "cassava_pipeline"
@@ -92,13 +99,29 @@ class ExportedModel:
 
     def to_bytes(self) -> bytes:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.weights.items()}
-        header = {"format": MODEL_FORMAT, "model_card": asdict(self.card)}
+        header = {
+            "format": MODEL_FORMAT,
+            "model_card": asdict(self.card),
+            "weights_sha256": content_sha256(tensors),
+        }
         return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "model") -> ExportedModel:
-        card = read_card(data, source=source)
-        return cls(card, st_load(data))
+        """The model in a file's bytes, its weights verified against the sha256 in its header."""
+        header = _card_header(data, source)
+        card = ModelCard.from_dict(header["model_card"])
+        try:
+            weights = st_load(data)
+        except Exception as e:  # safetensors raises its own error types on damaged data
+            raise ExportError(f"{source} is damaged ({e}). {_REEXPORT}") from None
+        actual = content_sha256(weights)
+        if actual != header.get("weights_sha256"):
+            raise ExportError(
+                f"{source} is damaged: its weights do not match the sha256 in its header "
+                f"(recorded {header.get('weights_sha256')}, now {actual}). {_REEXPORT}"
+            )
+        return cls(card, weights)
 
     def build(self) -> torch.nn.Sequential:
         """The network with these weights, in eval mode (no download: weights ``none``)."""
@@ -118,12 +141,11 @@ def _header(data: bytes, source: str) -> dict[str, Any]:
         raise ExportError(f"{source} is not a safetensors file (bad header length {n})")
     try:
         return json.loads(data[8 : 8 + n])
-    except ValueError as e:
-        raise ExportError(f"{source} is not a safetensors file ({e})") from e
+    except ValueError as e:  # e.g. flipped bytes inside the header
+        raise ExportError(f"{source} is not a readable safetensors file ({e}). {_REEXPORT}") from e
 
 
-def read_card(data: bytes, *, source: str = "model") -> ModelCard:
-    """The model card of a model file's bytes, without loading the weights."""
+def _card_header(data: bytes, source: str) -> dict[str, Any]:
     meta = _header(data, source).get("__metadata__") or {}
     try:
         header = json.loads(meta[_HEADER_KEY])
@@ -134,7 +156,12 @@ def read_card(data: bytes, *, source: str = "model") -> ModelCard:
             f"{source} is format {header.get('format')!r}, expected {MODEL_FORMAT!r}: "
             "export it with `kedro run --pipeline=cassava` (node export_model)"
         )
-    return ModelCard.from_dict(header["model_card"])
+    return header
+
+
+def read_card(data: bytes, *, source: str = "model") -> ModelCard:
+    """The model card of a model file's bytes, without loading the weights."""
+    return ModelCard.from_dict(_card_header(data, source)["model_card"])
 
 
 def export_checkpoint(

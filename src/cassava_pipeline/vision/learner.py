@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
+from .integrity import IntegrityError, NoDigestError, load_checkpoint, save_checkpoint
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
 from .provenance import explain, fingerprint, stage_seed
 from .schedule import (
@@ -306,8 +307,9 @@ class Trainer:
             "start_metrics": {},
         }
         ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
-        if ckpt is not None and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        found = _resume_file(checkpoint_dir, cfg.name, f.is_global_zero) if ckpt else None
+        if found is not None:
+            path, saved = found
             reason = explain(saved.get("fingerprint"), fp)
             if reason is None:
                 _restore(saved, model, opt, sched, gen, mix_gen)
@@ -316,13 +318,13 @@ class Trainer:
                 logger.info(
                     "%s: %s holds this run after epoch %d: %s",
                     cfg.name,
-                    display_path(ckpt),
+                    display_path(path),
                     state["epoch"],
                     done,
                 )
             elif f.is_global_zero:
                 logger.info(
-                    "%s: %s %s; training from the start", cfg.name, display_path(ckpt), reason
+                    "%s: %s %s; training from the start", cfg.name, display_path(path), reason
                 )
 
         maximize = cfg.monitor != "valid_loss"
@@ -405,7 +407,7 @@ class Trainer:
             if f.is_global_zero:
                 logger.info("%s: %s", cfg.name, _row(row))
                 if ckpt is not None:
-                    _save_atomic(_snapshot(state, fp, model, opt, sched, gen, mix_gen), ckpt)
+                    _save_resume(_snapshot(state, fp, model, opt, sched, gen, mix_gen), ckpt)
             if on_epoch is not None and f.is_global_zero:
                 on_epoch(row)
             f.barrier()
@@ -623,19 +625,70 @@ def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
     mix_gen.set_state(saved["mix_rng"])
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save (or bytes as they are) to a temporary file in the same folder, fsync, then
-    rename over ``path``."""
+RESUME_FILES = ("last.pt", "prev.pt")  # this epoch's state, and the one before it
+
+
+def _resume_file(folder: Path, name: str, log: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact resume file of ``folder`` and its content, or None.
+
+    A damaged one (its content does not match its sha256, truncated, foreign) is set aside as
+    ``*.corrupt`` with a warning, and the previous epoch's file is tried instead.
+    """
+    for file in RESUME_FILES:
+        path = folder / file
+        if not path.exists():
+            continue
+        try:
+            return path, load_checkpoint(path, todo="It is not used")
+        except NoDigestError:
+            if log:
+                logger.info(
+                    "%s: %s has no record of its inputs (an older version); training "
+                    "from the start",
+                    name,
+                    display_path(path),
+                )
+            return None
+        except IntegrityError as e:
+            corrupt = path.with_name(f"{path.name}.corrupt")
+            if log:
+                os.replace(path, corrupt)
+                logger.warning(
+                    "%s: %s is damaged (%s); set aside as %s, resuming from the state before it",
+                    name,
+                    display_path(path),
+                    e.problem,
+                    corrupt.name,
+                )
+    return None
+
+
+def _save_resume(state: dict[str, Any], path: Path) -> None:
+    """Write this epoch's resume file with its sha256; the previous one becomes prev.pt."""
+    _save_atomic(state, path, keep_previous=path.with_name(RESUME_FILES[1]))
+
+
+def _save_atomic(obj: Any, path: Path, *, keep_previous: Path | None = None) -> None:
+    """A checkpoint with its sha256 (or bytes as they are) to a temporary file in the same
+    folder, fsync, then rename over ``path``; ``keep_previous``: the file it replaces is renamed
+    there first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         if isinstance(obj, bytes):
             fh.write(obj)
         else:
-            torch.save(obj, fh)
+            save_checkpoint(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the renames themselves reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _header() -> str:

