@@ -7,8 +7,10 @@ resize) and prediction. PIL does the decoding: it reads every format and mode a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -197,8 +199,12 @@ def read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as e:
+        if os.path.islink(path):
+            raise ImageError("dangling link", f"{path} -> {os.readlink(path)}") from e
         raise ImageError("missing file", str(path)) from e
     except IsADirectoryError as e:
-        raise ImageError("not a file", str(path)) from e
+        raise ImageError("not a file", f"{path} is a directory") from e
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("symlink loop", f"{path} never reaches a file") from e
         raise ImageError("unreadable file", f"{path}: {e}") from e

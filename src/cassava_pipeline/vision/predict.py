@@ -13,6 +13,7 @@ An image that cannot be read is reported with its reason and gets no prediction.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from .data import LoaderOptions
 from .export import ExportedModel
@@ -90,18 +92,31 @@ class Predictions:
 
 
 def list_folder(folder: str | Path) -> list[str]:
-    """Files under ``folder`` (Kaggle's ``test_images/``), relative, sorted, hidden ones skipped."""
+    """Every entry under ``folder`` (Kaggle's ``test_images/``) a prediction must account for,
+    relative and sorted, hidden ones skipped: files, links (dangling or looping ones too, which
+    are then reported) and directories named like images; other folders are walked into.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"the image folder {folder} does not exist; put the images to predict there or "
             "point the catalog entry predict_images at them"
         )
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    suffixes = set(Image.registered_extensions())
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are not followed
+        rel = Path(dirpath).relative_to(folder)
+        walk = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)) or Path(d).suffix.lower() in suffixes:
+                out.append((rel / d).as_posix())  # reported: a folder, not an image file
+            else:
+                walk.append(d)
+        dirnames[:] = walk
+        out += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
+    return sorted(out)
 
 
 def _decode_chunk(args: tuple) -> list[np.ndarray | tuple[str, str]]:
