@@ -138,9 +138,23 @@ def test_a_crash_marks_the_run_failed(demo: Path):
 
 @pytest.mark.slow
 def test_sigterm_marks_the_run_killed(demo: Path):
-    db = demo / "mlflow.db"
     before = {r.info.run_id for r in _runs(demo)}
-    proc = subprocess.Popen(
+    proc = _start_long_training(demo, "sigterm.log")
+    try:
+        _wait_for_mixup_epochs(demo, before, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    runs = _runs(demo)
+    log = (demo / "sigterm.log").read_text()[-3000:]
+    (new,) = [r for r in runs if r.info.run_id not in before]
+    assert new.info.status == "KILLED", log
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def _start_long_training(demo: Path, log: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -151,29 +165,65 @@ def test_sigterm_marks_the_run_killed(demo: Path):
         ],
         cwd=demo,
         env=ENV,
-        stdout=open(demo / "sigterm.log", "w"),  # noqa: SIM115
+        stdout=open(demo / log, "w"),
         stderr=subprocess.STDOUT,
     )
+
+
+def _wait_for_mixup_epochs(demo: Path, before: set[str], proc: subprocess.Popen) -> None:
+    """Until the new run has logged mixup epochs (step >= 3)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        with sqlite3.connect(demo / "mlflow.db") as con:
+            row = con.execute(
+                "SELECT COUNT(*) FROM metrics WHERE key='accuracy' AND step >= 3 AND "
+                "run_uuid=(SELECT run_uuid FROM runs ORDER BY start_time DESC LIMIT 1)"
+            ).fetchone()
+        if row[0] and len(_runs(demo)) > len(before):
+            return
+        time.sleep(1)
+    raise AssertionError("the training never reached the mixup stage")
+
+
+@pytest.mark.slow
+def test_a_second_run_is_refused_at_once_while_one_holds_the_project(demo: Path):
+    from cassava_pipeline.runlock import RunLock
+
+    before = {r.info.run_id for r in _runs(demo)}
+    with RunLock(demo, "local"):  # as a live `kedro run` in this project holds it
+        t0 = time.time()
+        proc = _kedro(demo, "run", "--pipelines=evaluate", ok=False)
+        elapsed = time.time() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ProjectBusyError" in out, out[-3000:]
+    assert f"pid {os.getpid()}" in " ".join(out.split()), out[-3000:]
+    assert elapsed < 60  # refused before any work (Kedro's start-up is the rest)
+    assert {r.info.run_id for r in _runs(demo)} == before  # no MLflow run was even opened
+    _kedro(demo, "run", "--pipelines=evaluate")  # and free again afterwards
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_next_run_takes_over_and_marks_the_dead_run_killed(demo: Path):
+    before = {r.info.run_id for r in _runs(demo)}
+    proc = _start_long_training(demo, "kill9.log")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # wait until the new run logs mixup epochs (step >= 3)
-            with sqlite3.connect(db) as con:
-                row = con.execute(
-                    "SELECT COUNT(*) FROM metrics WHERE key='accuracy' AND step >= 3 AND "
-                    "run_uuid=(SELECT run_uuid FROM runs ORDER BY start_time DESC LIMIT 1)"
-                ).fetchone()
-            if row[0] and len(_runs(demo)) > len(before):
-                break
-            time.sleep(1)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        _wait_for_mixup_epochs(demo, before, proc)
+        proc.kill()  # SIGKILL: no handler runs, the MLflow run stays RUNNING
+        proc.wait(timeout=60)
     finally:
         proc.kill()
-    runs = _runs(demo)
-    log = (demo / "sigterm.log").read_text()[-3000:]
-    (new,) = [r for r in runs if r.info.run_id not in before]
-    assert new.info.status == "KILLED", log
-    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (dead,) = [r for r in _runs(demo) if r.info.run_id not in before]
+    assert dead.info.status == "RUNNING"
+    assert dead.data.tags["pid"] == str(proc.pid)
+    after = _kedro(demo, "run", "--pipelines=evaluate")
+    text = " ".join((after.stdout + after.stderr).split())
+    assert "took over the run lock" in text and f"pid {proc.pid}" in text, text[-3000:]
+    assert "marked 1 MLflow run(s) KILLED" in text and dead.info.run_id in text, text[-3000:]
+    statuses = {r.info.run_id: r.info.status for r in _runs(demo)}
+    assert statuses[dead.info.run_id] == "KILLED"
+    assert "RUNNING" not in statuses.values()
+    resume = demo / "data" / "06_models" / "resume" / "mixup"
+    assert not [p for p in os.listdir(resume) if ".tmp-" in p]  # no torn checkpoint
 
 
 @pytest.mark.slow

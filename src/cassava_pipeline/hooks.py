@@ -4,17 +4,23 @@
   replaced, with a warning, by the local SQLite store (``sqlite:///mlflow.db``), so the run
   trains, saves its checkpoints and is still recorded.
 - Once kedro-mlflow has started the run: provenance tags (git commit and dirty flag, lock file
-  hash, torch / CUDA / device, package versions, the manifest's data hash), and signal handlers
-  so that Ctrl-C (SIGINT) or SIGTERM marks the run KILLED before the process stops. kedro-mlflow
-  marks a run that raises FAILED; MLflow's own exit handler would mark an interrupted run
-  FINISHED.
+  hash, torch / CUDA / device, package versions, the manifest's data hash, and the process id
+  and host), and signal handlers so that Ctrl-C (SIGINT) or SIGTERM marks the run KILLED before
+  the process stops. kedro-mlflow marks a run that raises FAILED; MLflow's own exit handler
+  would mark an interrupted run FINISHED. Runs left RUNNING by a process of this host that died
+  without ending them (kill -9) are marked KILLED, once, with a warning.
+- :class:`RunLockHooks`: one ``kedro run`` at a time per project and environment
+  (:mod:`cassava_pipeline.runlock`), taken before anything else runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import signal
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,9 @@ import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
 
+from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
+from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,67 @@ def server_answers(uri: str, timeout: float = 3.0) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def mark_dead_runs_killed(host: str) -> list[str]:
+    """Mark KILLED the runs of the active experiment left RUNNING by a dead process of ``host``
+    (kill -9 ends a process before it can end its run); return their ids."""
+    current = active_run_id()
+    client = mlflow.tracking.MlflowClient()
+    try:
+        exp = mlflow.get_experiment(mlflow.get_run(current).info.experiment_id)
+        running = client.search_runs(
+            [exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        )
+    except Exception as e:  # tracking must never fail the run
+        logger.warning("could not look for runs left RUNNING: %s", e)
+        return []
+    dead = [
+        r.info.run_id
+        for r in running
+        if r.info.run_id != current
+        and r.data.tags.get("host") == host
+        and r.data.tags.get("pid", "").isdigit()
+        and not pid_alive(int(r.data.tags["pid"]))
+    ]
+    for run_id in dead:
+        client.set_terminated(run_id, status="KILLED")
+    if dead:
+        logger.warning(
+            "marked %d MLflow run(s) KILLED: their process died without ending them (kill -9?): %s",
+            len(dead),
+            ", ".join(dead),
+        )
+    return dead
+
+
+class RunLockHooks:
+    """Takes the project's run lock before the run starts; releases it when the run ends."""
+
+    def __init__(self) -> None:
+        self._lock: RunLock | None = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for the job
+            return
+        project = Path(run_params.get("project_path") or Path.cwd())
+        self._lock = RunLock(project, str(run_params.get("env") or "local"))
+        self._lock.acquire()  # raises ProjectBusyError at once if another run holds it
+        atexit.register(self._release)  # Ctrl-C and SIGTERM end the process without a hook
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class TrackingHooks:
@@ -81,6 +150,7 @@ class TrackingHooks:
         names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
         tags["kedro_pipeline"] = ",".join(str(n) for n in names if n) or "__default__"
         tags["kedro_env"] = str(run_params.get("env") or "local")
+        tags["pid"], tags["host"] = str(os.getpid()), socket.gethostname()
         for name in _MANIFESTS:
             try:
                 if catalog.exists(name):
@@ -89,6 +159,7 @@ class TrackingHooks:
                 pass
         mlflow.set_tags(tags)
         self._install_signal_handlers()
+        mark_dead_runs_killed(tags["host"])
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:

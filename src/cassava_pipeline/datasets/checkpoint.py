@@ -9,6 +9,7 @@ from typing import Any, BinaryIO
 
 from kedro.io import AbstractDataset
 
+from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path
 from cassava_pipeline.vision.integrity import load_checkpoint, save_checkpoint
 
 
@@ -18,7 +19,8 @@ def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_temps(path)
+    tmp = temp_path(path, os.getpid())
     with open(tmp, "wb") as fh:
         write(fh)
         fh.flush()

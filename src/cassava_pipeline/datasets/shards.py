@@ -9,6 +9,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
+from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path
 from cassava_pipeline.vision.presize import META_FILE, PresizeJob, write_shards
 from cassava_pipeline.vision.shards import ShardedImages
 
@@ -28,10 +29,10 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         return ShardedImages(self._path)
 
     def save(self, data: PresizeJob) -> None:
-        parent = self._path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{self._path.name}.tmp-{os.getpid()}"
-        old = parent / f".{self._path.name}.old-{os.getpid()}"
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(self._path)  # a presize killed mid-way (kill -9) left its folder
+        tmp = temp_path(self._path, os.getpid())
+        old = temp_path(self._path, os.getpid(), "old")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             write_shards(data, tmp)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import remove_dead_temps, temp_path
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
 from .integrity import IntegrityError, NoDigestError, load_checkpoint, save_checkpoint
@@ -673,7 +674,8 @@ def _save_atomic(obj: Any, path: Path, *, keep_previous: Path | None = None) -> 
     folder, fsync, then rename over ``path``; ``keep_previous``: the file it replaces is renamed
     there first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_temps(path)
+    tmp = temp_path(path, os.getpid())
     with open(tmp, "wb") as fh:
         if isinstance(obj, bytes):
             fh.write(obj)
