@@ -39,12 +39,12 @@ from PIL import Image
 
 from cassava_pipeline.vision.images import decode_rgb, read_bytes
 from cassava_pipeline.vision.ingest import IngestOptions, ingest
+from cassava_pipeline.vision.integrity import file_sha256
 from cassava_pipeline.vision.layouts import CsvLayout, FolderLayout
 from cassava_pipeline.vision.parallel import resolve_workers
 from cassava_pipeline.vision.presize import (
     PresizeJob,
     PresizeOptions,
-    file_sha256,
     resize_shorter,
     target_size,
     write_shards,

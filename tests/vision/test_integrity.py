@@ -15,6 +15,7 @@ import torch
 from kedro.io import DatasetError
 
 from cassava_pipeline.datasets import CheckpointDataset, ExportedModelDataset
+from cassava_pipeline.vision import integrity
 from cassava_pipeline.vision import shards as shards_module
 from cassava_pipeline.vision.export import ExportError
 from cassava_pipeline.vision.integrity import IntegrityError
@@ -158,8 +159,8 @@ def test_shards_are_hashed_once_per_process(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(shards_module, "_VERIFIED", set())
     ds = tiny_shards(tmp_path / "a")
     calls = []
-    real = shards_module.file_sha256
-    monkeypatch.setattr(shards_module, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda p: calls.append(p) or real(p))
     monkeypatch.setattr(shards_module, "_VERIFIED", set())
     for _ in range(3):
         images = ShardedImages(ds.directory)

@@ -18,7 +18,6 @@ import io
 import json
 import pickle
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -119,9 +118,13 @@ def load_checkpoint(path: str | Path, *, todo: str) -> dict[str, Any]:
     return obj
 
 
-def verified_file_sha256(
-    path: str | Path, expected: str, size: int | None, todo: str, sha: Callable[[Path], str]
-) -> None:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (about 1.9 GB/s with SHA-NI)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verified_file_sha256(path: str | Path, expected: str, size: int | None, todo: str) -> None:
     """Check a file's size and sha256 against what was recorded when it was written."""
     path = Path(path)
     try:
@@ -132,7 +135,7 @@ def verified_file_sha256(
         raise IntegrityError(
             path, f"it holds {actual_size} bytes, {size} were written (truncated or changed)", todo
         )
-    actual = sha(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise IntegrityError(
             path, f"its content does not match its sha256 (recorded {expected}, now {actual})", todo

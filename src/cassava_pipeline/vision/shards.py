@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from .integrity import DIGEST_KEY, IntegrityError, content_sha256, verified_file_sha256
-from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT, file_sha256
+from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT
 
 PRESIZE_AGAIN = (
     "Presize again: kedro run --pipelines=data (or dvc repro data) rewrites the shard set from "
@@ -38,7 +38,7 @@ def _verify_file(path: Path, expected: str, size: int | None) -> None:
     except FileNotFoundError:
         raise IntegrityError(path, "the file is missing", PRESIZE_AGAIN) from None
     if key not in _VERIFIED:
-        verified_file_sha256(path, expected, size, PRESIZE_AGAIN, file_sha256)
+        verified_file_sha256(path, expected, size, PRESIZE_AGAIN)
         _VERIFIED.add(key)
 
 
