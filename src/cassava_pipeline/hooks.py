@@ -31,6 +31,7 @@ from kedro.framework.hooks import hook_impl
 
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
+from cassava_pipeline.vision.atomic import remove_dead_temps_under
 from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class RunLockHooks:
         self._lock = RunLock(project, str(run_params.get("env") or "local"))
         self._lock.acquire()  # raises ProjectBusyError at once if another run holds it
         atexit.register(self._release)  # Ctrl-C and SIGTERM end the process without a hook
+        if (project / "data").is_dir():  # what runs killed mid-write (kill -9) left behind
+            remove_dead_temps_under(project / "data")
 
     @hook_impl
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:

@@ -122,3 +122,30 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_old_file_and_no_debris(tmp_
     ds.save({"model": {"w": torch.zeros(3)}, "stage": "new"})  # the next write cleans up
     assert sorted(os.listdir(tmp_path)) == ["frozen.pt"]
     assert ds.load()["stage"] == "new"
+
+
+def test_the_next_start_removes_what_dead_runs_left_and_spares_live_ones(tmp_path: Path, caplog):
+    from cassava_pipeline.vision.atomic import remove_dead_temps_under
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    models = tmp_path / "06_models" / "resume" / "mixup"
+    models.mkdir(parents=True)
+    (models / f".last.pt.tmp-{dead.pid}").write_bytes(b"torn")
+    shards = tmp_path / "05_model_input" / f".presized_large.tmp-{dead.pid}"
+    shards.mkdir(parents=True)
+    (shards / "shard-00000.bin").write_bytes(b"half")
+    live = tmp_path / "08_reporting" / f".metrics.json.tmp-{os.getpid()}"  # a run still writing
+    live.parent.mkdir(parents=True)
+    live.write_text("{")
+    (tmp_path / "08_reporting" / "metrics.json").write_text("{}")
+    caplog.set_level("WARNING", logger="cassava_pipeline")
+    removed = remove_dead_temps_under(tmp_path)
+    assert sorted(map(str, removed)) == [
+        f"05_model_input/.presized_large.tmp-{dead.pid}",
+        f"06_models/resume/mixup/.last.pt.tmp-{dead.pid}",
+    ]
+    assert (
+        not shards.exists() and live.exists() and (tmp_path / "08_reporting/metrics.json").exists()
+    )
+    assert "died while writing" in caplog.text

@@ -2,13 +2,15 @@
 
 Every output is written to ``.<name>.tmp-<pid>`` (a file or a folder) next to it and renamed into
 place when complete, so no reader ever sees half a file. A process killed mid-write (kill -9)
-leaves that temporary behind; the next writer of the same output removes the ones whose process
-no longer exists, and says so.
+leaves that temporary behind; the next run removes every one whose process no longer exists
+(:func:`remove_dead_temps_under`, when it starts), and so does the next writer of the same
+output (:func:`remove_dead_temps`); both say so.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,26 +25,50 @@ def temp_path(target: Path, pid: int, kind: str = "tmp") -> Path:
     return target.with_name(f".{target.name}.{kind}-{pid}")
 
 
-def remove_dead_temps(target: Path) -> list[Path]:
-    """Remove the temporaries of ``target`` left by processes that are gone; return them."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)$")
-    removed = []
-    if not target.parent.is_dir():
-        return removed
-    for entry in target.parent.iterdir():
-        m = pattern.match(entry.name)
-        if m is None or pid_alive(int(m.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
+_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+
+
+def _remove_if_dead(entry: Path, pattern: re.Pattern) -> bool:
+    m = pattern.match(entry.name)
+    if m is None or pid_alive(int(m.group(1))):
+        return False
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+    return True
+
+
+def _report(removed: list[Path], where: str) -> list[Path]:
     if removed:
         logger.warning(
             "removed %d temporary file(s) left by a run that died while writing %s: %s",
             len(removed),
-            target,
-            ", ".join(p.name for p in removed),
+            where,
+            ", ".join(str(p) for p in removed),
         )
     return removed
+
+
+def remove_dead_temps(target: Path) -> list[Path]:
+    """Remove the temporaries of ``target`` left by processes that are gone; return them."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)$")
+    if not target.parent.is_dir():
+        return []
+    removed = [e for e in target.parent.iterdir() if _remove_if_dead(e, pattern)]
+    return _report(removed, str(target))
+
+
+def remove_dead_temps_under(root: Path) -> list[Path]:
+    """Remove every temporary under ``root`` left by a process that is gone; return them.
+
+    Temporaries of live processes (a run of another environment, say) are left alone.
+    """
+    removed: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            if name.startswith(".") and _remove_if_dead(here / name, _TEMP):
+                removed.append((here / name).relative_to(root))
+        dirnames[:] = [d for d in dirnames if (here / d).exists()]
+    return _report(removed, str(root))
