@@ -9,23 +9,16 @@ from typing import Any, BinaryIO
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path
+from cassava_pipeline.vision.atomic import write_atomic
 from cassava_pipeline.vision.integrity import load_checkpoint, save_checkpoint
 
 
 def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through a synced temporary sibling renamed into place, on rank 0 only
-    (under torchrun every rank runs the node): a killed run never leaves half a file."""
+    """:func:`~cassava_pipeline.vision.atomic.write_atomic` on rank 0 only (under torchrun
+    every rank runs the node): a killed run never leaves half a file."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path)
-    tmp = temp_path(path, os.getpid())
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 class CheckpointDataset(AbstractDataset[dict, dict]):

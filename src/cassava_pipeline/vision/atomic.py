@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .parallel import pid_alive
 
@@ -72,3 +74,26 @@ def remove_dead_temps_under(root: Path) -> list[Path]:
                 removed.append((here / name).relative_to(root))
         dirnames[:] = [d for d in dirnames if (here / d).exists()]
     return _report(removed, str(root))
+
+
+def write_atomic(
+    path: Path, write: Callable[[BinaryIO], None], *, keep_previous: Path | None = None
+) -> None:
+    """Write ``path`` through a synced temporary sibling renamed into place, so a killed
+    process never leaves half a file; ``keep_previous``: the file it replaces is renamed there
+    first. Temporaries of dead writers of ``path`` are removed before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(path)
+    tmp = temp_path(path, os.getpid())
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the renames themselves reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

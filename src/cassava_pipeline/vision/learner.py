@@ -36,10 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .atomic import remove_dead_temps, temp_path
+from .atomic import write_atomic
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
-from .integrity import IntegrityError, NoDigestError, load_checkpoint, save_checkpoint
+from .integrity import (
+    IntegrityError,
+    NoDigestError,
+    content_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
 from .provenance import explain, fingerprint, stage_seed
 from .schedule import (
@@ -473,7 +479,7 @@ class Trainer:
         result = self._sweep(train, cfg, options)
         if cache_file is not None and self.fabric.is_global_zero:
             body = {"fingerprint": fp, "result": result}
-            payload = json.dumps({**body, "sha256": _json_sha256(body)}).encode()
+            payload = json.dumps({**body, "sha256": content_sha256(body)}).encode()
             _save_atomic(payload, cache_file)
         return result
 
@@ -568,10 +574,6 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def _json_sha256(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def _load_sweep(path: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     """The sweep stored in ``path`` if it is intact and was computed from ``fp``; else None."""
     if not path.exists():
@@ -579,7 +581,7 @@ def _load_sweep(path: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     try:
         stored = json.loads(path.read_text())
         body = {"fingerprint": stored["fingerprint"], "result": stored["result"]}
-        intact = stored["sha256"] == _json_sha256(body)
+        intact = stored["sha256"] == content_sha256(body)
     except (OSError, ValueError, KeyError, TypeError):
         intact = False
     if not intact:
@@ -670,27 +672,11 @@ def _save_resume(state: dict[str, Any], path: Path) -> None:
 
 
 def _save_atomic(obj: Any, path: Path, *, keep_previous: Path | None = None) -> None:
-    """A checkpoint with its sha256 (or bytes as they are) to a temporary file in the same
-    folder, fsync, then rename over ``path``; ``keep_previous``: the file it replaces is renamed
-    there first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path)
-    tmp = temp_path(path, os.getpid())
-    with open(tmp, "wb") as fh:
-        if isinstance(obj, bytes):
-            fh.write(obj)
-        else:
-            save_checkpoint(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the renames themselves reach the disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """A checkpoint with its sha256 (or bytes as they are), written atomically."""
+    if isinstance(obj, bytes):
+        write_atomic(path, lambda fh: fh.write(obj), keep_previous=keep_previous)
+    else:
+        write_atomic(path, lambda fh: save_checkpoint(obj, fh), keep_previous=keep_previous)
 
 
 def _header() -> str:
