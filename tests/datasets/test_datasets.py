@@ -50,3 +50,44 @@ def test_failed_save_leaves_previous_set(kaggle_dir: Path, tmp_path: Path):
         ds.save(bad)
     assert ds.load().size == 16
     assert sorted(p.name for p in out.iterdir()) == ["presized"]
+
+
+# ---- kedro-datasets' file datasets, written atomically --------------------------------------
+
+
+def test_atomic_json_replaces_whole_or_not_at_all(tmp_path: Path):
+    from cassava_pipeline.datasets.atomic import JSONDataset
+
+    path = tmp_path / "reports" / "metrics.json"
+    ds = JSONDataset(filepath=str(path), save_args={"indent": 2})
+    ds.save({"accuracy": 0.5})
+    assert ds.load() == {"accuracy": 0.5}
+    with pytest.raises(DatasetError, match="not JSON serializable"):
+        ds.save({"accuracy": 0.75, "broken": object()})  # fails half-way through json.dump
+    assert ds.load() == {"accuracy": 0.5}  # the previous file is untouched, not half-written
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]  # no temporary
+
+
+def test_atomic_writes_keep_the_format_and_sweep_dead_writers(tmp_path: Path):
+    import pandas as pd
+    from PIL import Image
+
+    from cassava_pipeline.datasets.atomic import CSVDataset, ImageDataset
+    from cassava_pipeline.vision.atomic import remove_dead_temps_under
+
+    dead = 2**22 + 12345  # above any pid this box hands out (pid_max is 2**22)
+    leftover = tmp_path / f".table.csv.tmp-{dead}.csv"  # a writer killed mid-write
+    leftover.write_text("a,b\n1,")
+    image = ImageDataset(filepath=str(tmp_path / "one.png"))
+    image.save(Image.new("RGB", (6, 4), (10, 200, 30)))  # Pillow picks PNG from the suffix
+    with Image.open(tmp_path / "one.png") as im:
+        assert im.format == "PNG" and im.getpixel((5, 3)) == (10, 200, 30)
+    table = CSVDataset(filepath=str(tmp_path / "table.csv"), save_args={"index": False})
+    table.save(pd.DataFrame({"a": [1, 2], "b": [3, 4]}))
+    assert table.load()["b"].tolist() == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "table.csv"]
+
+    other = tmp_path / "deep" / f".metrics.json.tmp-{dead}.json"
+    other.parent.mkdir()
+    other.write_text("{")
+    assert remove_dead_temps_under(tmp_path) == [Path("deep") / other.name]

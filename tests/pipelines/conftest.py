@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
-from kedro_datasets.json import JSONDataset
-from kedro_datasets.matplotlib import MatplotlibDataset
-from kedro_datasets.pandas import CSVDataset
 
 from cassava_pipeline.datasets import (
     CheckpointDataset,
@@ -18,6 +15,7 @@ from cassava_pipeline.datasets import (
     ImageShardsDataset,
     WorkDirDataset,
 )
+from cassava_pipeline.datasets.atomic import CSVDataset, JSONDataset, MatplotlibDataset
 from tests.images import REPO
 
 

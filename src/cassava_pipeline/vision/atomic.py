@@ -22,12 +22,15 @@ from .parallel import pid_alive
 logger = logging.getLogger(__name__)
 
 
-def temp_path(target: Path, pid: int, kind: str = "tmp") -> Path:
-    """Where ``target`` is written (``kind`` tmp) or moved aside (``old``) by process ``pid``."""
-    return target.with_name(f".{target.name}.{kind}-{pid}")
+def temp_path(target: Path, pid: int, kind: str = "tmp", *, keep_suffix: bool = False) -> Path:
+    """Where ``target`` is written (``kind`` tmp) or moved aside (``old``) by process ``pid``;
+    ``keep_suffix``: the name ends with ``target``'s suffix too (writers that pick the format
+    from it: Pillow, Matplotlib)."""
+    suffix = target.suffix if keep_suffix else ""
+    return target.with_name(f".{target.name}.{kind}-{pid}{suffix}")
 
 
-_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+_TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.\w+)?$")
 
 
 def _remove_if_dead(entry: Path, pattern: re.Pattern) -> bool:
@@ -54,7 +57,7 @@ def _report(removed: list[Path], where: str) -> list[Path]:
 
 def remove_dead_temps(target: Path) -> list[Path]:
     """Remove the temporaries of ``target`` left by processes that are gone; return them."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)$")
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:\.\w+)?$")
     if not target.parent.is_dir():
         return []
     removed = [e for e in target.parent.iterdir() if _remove_if_dead(e, pattern)]
@@ -92,7 +95,12 @@ def write_atomic(
     if keep_previous is not None and path.exists():
         os.replace(path, keep_previous)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the renames themselves reach the disk
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Sync a folder, so that the renames in it reach the disk."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
