@@ -136,9 +136,12 @@ class TrackingServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(db: Postgres, workdir: Path, *, auth: bool = False) -> Iterator[TrackingServer]:
+def mlflow_server(
+    db: Postgres | str, workdir: Path, *, auth: bool = False, port: int | None = None
+) -> Iterator[TrackingServer]:
     """``mlflow server`` with its runs in PostgreSQL (``auth``: ``--app-name basic-auth``, its
-    users in PostgreSQL too).
+    users in PostgreSQL too), or in the backend store URI ``db`` (``sqlite:///...``); on
+    ``port`` (a server started again where it was), or a free one.
 
     Artifacts are proxied by the server (``--artifacts-destination``): clients upload and
     download them over HTTP and need no access to the folder.
@@ -165,12 +168,13 @@ def mlflow_server(db: Postgres, workdir: Path, *, auth: bool = False) -> Iterato
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_ini)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)  # CSRF of the auth app
         app = ["--app-name", "basic-auth"]
-    port = free_port()
+    port = port or free_port()
+    backend = db.uri("mlflow") if isinstance(db, Postgres) else db
     log = workdir / "mlflow-server.log"
-    with open(log, "w") as out:
+    with open(log, "a") as out:
         proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", *app,
-             "--backend-store-uri", db.uri("mlflow"),
+             "--backend-store-uri", backend,
              "--artifacts-destination", str(workdir / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,

@@ -391,3 +391,126 @@ def test_basic_auth_server_takes_the_users_credentials(tmp_path, monkeypatch):
         run = client.create_run(exp)
         client.log_metric(run.info.run_id, "accuracy", 0.5, step=2)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [2]
+
+
+# ---- a tracking server that dies mid-run: the run completes locally, then goes back ----------
+
+
+def _watch(proc: subprocess.Popen, log: Path, until, timeout: float = 600) -> float | None:
+    """Poll until ``until()`` holds (returns the time) or the process ends (returns None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until():
+            return time.monotonic()
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_server_dying_mid_run_falls_back_and_sync_sends_the_run_back(demo: Path, tmp_path):
+    """A real `mlflow server` on loopback, stopped once the frozen stage is saved: the run
+    completes with every output, exits 0 soon after the pipeline's end with one warning, and
+    `python -m cassava_pipeline.fallback sync` gives the server run everything it missed."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cassava_pipeline.fallback import FALLBACK_FOR, SYNCED_TO
+
+    root = tmp_path / "project"  # the demo's raw sample, none of its outputs or runs
+    shutil.copytree(demo, root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "*.log"))
+    for layer in (root / "data").iterdir():
+        if layer.name != "01_raw":
+            shutil.rmtree(layer)
+    workdir, port = tmp_path / "server", servers.free_port()
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    (root / "conf" / "local" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: http://127.0.0.1:{port}\n"
+    )
+    log = tmp_path / "run.log"
+    frozen = root / "data" / "06_models" / "frozen.pt"
+    with servers.mlflow_server(backend, workdir, port=port) as server, open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kedro", "run", "--pipeline=cassava"],
+            cwd=root, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert _watch(proc, log, frozen.exists) is not None, log.read_text()[-3000:]
+        server_run_ids = [
+            r.info.run_id
+            for r in MlflowClient(server.uri).search_runs(
+                [MlflowClient(server.uri).get_experiment_by_name("cassava_pipeline").experiment_id]
+            )
+        ]
+    # the server is stopped here, mid-run (the unfrozen stage is training)
+    ended = _watch(proc, log, lambda: "completed successfully" in log.read_text())
+    assert ended is not None, log.read_text()[-3000:]
+    proc.wait(timeout=120)
+    exited = time.monotonic()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert exited - ended < 60, f"{exited - ended:.0f} s from the pipeline's end to the exit"
+    assert text.count("stopped answering") == 1, text[-3000:]
+    assert "Retrying" not in text and "Failed to get mlflow run" not in text  # no retry storm
+    assert "cassava_pipeline.fallback sync" in text
+    for output in ("06_models/model.safetensors", "08_reporting/metrics.json"):
+        assert (root / "data" / output).is_file()
+
+    (server_run,) = server_run_ids
+    local = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (fallback,) = local.search_runs(
+        [local.get_experiment_by_name("cassava_pipeline").experiment_id]
+    )
+    assert fallback.info.status == "FINISHED"
+    assert fallback.data.tags[FALLBACK_FOR] == server_run
+    assert "final_metrics.tta_accuracy" in fallback.data.metrics
+    assert fallback.data.params["frozen.train.epochs"] == "1"  # replayed from the server run
+
+    with servers.mlflow_server(backend, workdir, port=port) as server:
+        client = MlflowClient(server.uri)
+        assert client.get_run(server_run).info.status == "RUNNING"  # what the server last heard
+        sync = [sys.executable, "-m", "cassava_pipeline.fallback", "sync"]
+        done = subprocess.run(sync, check=False, cwd=root, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"-> {server.uri} run {server_run}" in done.stdout
+        assert "1 model(s)" in done.stdout, done.stdout + done.stderr
+        run = client.get_run(server_run)
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "valid_loss", "accuracy", "lr"):  # frozen live, then local
+            assert [m.step for m in client.get_metric_history(server_run, key)] == [0, 1, 2]
+        assert run.data.metrics["final_metrics.tta_accuracy"] == pytest.approx(
+            fallback.data.metrics["final_metrics.tta_accuracy"]
+        )
+        assert run.data.params["mixup.train.epochs"] == "1"
+        plots = {Path(a.path).name for a in client.list_artifacts(server_run, "plots")}
+        assert plots == {f"{n}.png" for n in PLOTS}
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(server.uri)  # MLflow resolves a run's models in the global store
+        try:  # runs:/<server run>/model resolves to the model made again there
+            model = Path(
+                mlflow.artifacts.download_artifacts(
+                    f"runs:/{server_run}/model", dst_path=str(tmp_path / "dl")
+                )
+            )
+        finally:
+            mlflow.set_tracking_uri(previous)
+        assert (model / "MLmodel").is_file()
+        assert (model / "artifacts" / "model.safetensors").read_bytes() == (
+            root / "data" / "06_models" / "model.safetensors"
+        ).read_bytes()
+        again = subprocess.run(sync, check=False, cwd=root, env=ENV, capture_output=True, text=True)
+        assert again.returncode == 0 and "nothing to send" in again.stdout, again.stdout
+        assert len(client.get_metric_history(server_run, "accuracy")) == 3  # nothing twice
+    assert SYNCED_TO in local.get_run(fallback.info.run_id).data.tags
+    # A server down from the start: the run is recorded locally, and sync gives it a server run.
+    rerun = _kedro(root, "run", "--pipelines=evaluate")
+    assert "does not answer" in rerun.stdout + rerun.stderr
+    with servers.mlflow_server(backend, workdir, port=port) as server:
+        done = subprocess.run(sync, check=False, cwd=root, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.count("sent local run") == 1, done.stdout
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("cassava_pipeline").experiment_id
+        (new,) = [r for r in client.search_runs([exp]) if r.info.run_id != server_run]
+        assert new.info.status == "FINISHED" and new.data.tags["kedro_pipeline"] == "evaluate"
+        assert "final_metrics.tta_accuracy" in new.data.metrics

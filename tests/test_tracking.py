@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -108,3 +110,85 @@ def test_pyfunc_model_takes_paths_bytes_and_base64(store, test_images: Path):
     assert out["probability"].iat[0] == pytest.approx(out["probability"].iat[2])
     assert out["label"].iat[3] == "" and out["error"].iat[3]
     assert (out["error"].iloc[:3] == "").all()
+
+
+# ---- the failover to the local store (cassava_pipeline.fallback) --------------------------
+
+
+def test_failover_moves_the_active_run_and_the_epoch_logger_follows(store, caplog, monkeypatch):
+    """The "server" here is a second SQLite store standing in for a dead ``http`` server: the
+    switch never calls it, so what matters is what the switch does to MLflow's state."""
+    # Kedro's logging set-up (run when kedro-mlflow's hook module is first imported, by the
+    # switch or an earlier test) replaces the root's handlers: listen on the module's logger.
+    from cassava_pipeline.fallback import FALLBACK_FOR, FALLBACK_FROM, Failover, active_failover
+
+    module_log = logging.getLogger("cassava_pipeline.fallback")
+    monkeypatch.setattr(module_log, "handlers", [caplog.handler])
+    uri, exp = store
+    with mlflow.start_run(experiment_id=exp, run_name="cassava") as server_run:
+        rid = server_run.info.run_id
+        tracker = EpochLogger.for_active_run(offset=0)
+        failover = Failover("http://127.0.0.1:9", rid, "cassava_pipeline", "cassava", {"a": "1"})
+        failover._arm()
+        try:
+            assert active_failover() is failover
+            with caplog.at_level(logging.WARNING):
+                local_id = failover.switch("ConnectionError: refused", "node unfrozen")
+                assert failover.switch("again", "elsewhere") == local_id  # once only
+            assert mlflow.active_run().info.run_id == local_id
+            assert mlflow.get_tracking_uri() == "sqlite:///mlflow.db"
+            tracker(_row(1, 0.75))  # logged where the run is now
+            failover.set_tags({"data_hash": "abc"})
+        finally:
+            failover.disarm()
+            mlflow.end_run()
+        assert active_failover() is None
+    warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "python -m cassava_pipeline.fallback sync" in warnings[0]
+    local = MlflowClient("sqlite:///mlflow.db").get_run(local_id)
+    assert local.info.status == "FINISHED" and local.info.run_name == "cassava"
+    assert local.data.tags[FALLBACK_FOR] == rid
+    assert local.data.tags[FALLBACK_FROM] == "http://127.0.0.1:9"
+    assert local.data.tags["a"] == "1" and local.data.tags["data_hash"] == "abc"
+    assert local.data.metrics["accuracy"] == 0.75
+    assert MlflowClient(uri).get_run(rid).data.metrics == {}  # the "server" heard nothing
+
+
+def test_failover_keeps_a_dead_servers_noise_out_of_the_log(caplog):
+    from cassava_pipeline.fallback import HTTP_ENV, Failover
+
+    failover = Failover("http://127.0.0.1:9", "r", "e", "n", {})
+    failover._arm()
+    try:
+        assert all(os.environ[k] == v for k, v in HTTP_ENV.items())
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=0)) ...")
+            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
+                "Failed to get mlflow run: connection refused."
+            )
+            logging.getLogger("urllib3.connectionpool").warning("Connection pool is full")
+    finally:
+        failover.disarm()
+    assert [r.message for r in caplog.records] == ["Connection pool is full"]
+    assert not any(k in os.environ for k in HTTP_ENV)  # as they were (unset) before
+
+
+def test_sync_command_without_a_server(tmp_path, monkeypatch, capsys):
+    from cassava_pipeline.fallback import FALLBACK_FOR, FALLBACK_FROM, main
+
+    shutil.copytree(REPO / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sync"]) == 2  # no conf/local yet (make creates it)
+    assert "conf/local" in capsys.readouterr().err
+    (tmp_path / "conf" / "local").mkdir()
+    assert main(["sync"]) == 2  # conf/base names the local store: nothing to send to
+    assert "pass --to" in capsys.readouterr().err
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow caches stores by URI: no relative one
+    assert main(["sync", "--to", "http://127.0.0.1:9", "--local", store]) == 0
+    assert "nothing to send" in capsys.readouterr().out
+    local = MlflowClient(store)
+    exp = local.create_experiment("cassava_pipeline")
+    run = local.create_run(exp, tags={FALLBACK_FROM: "http://127.0.0.1:9", FALLBACK_FOR: ""})
+    local.set_terminated(run.info.run_id)
+    assert main(["sync", "--to", "http://127.0.0.1:9", "--local", store]) == 1  # server down
+    assert "1 run(s) wait" in capsys.readouterr().err

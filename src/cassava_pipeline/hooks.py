@@ -2,7 +2,10 @@
 
 - Before kedro-mlflow sets MLflow up: an ``http(s)`` tracking server that does not answer is
   replaced, with a warning, by the local SQLite store (``sqlite:///mlflow.db``), so the run
-  trains, saves its checkpoints and is still recorded.
+  trains, saves its checkpoints and is still recorded. A server that stops answering later is
+  failed over to the same store (:mod:`cassava_pipeline.fallback`): checked before each node,
+  before each save to an MLflow dataset and when the run ends. Either way the local run is
+  tagged for ``python -m cassava_pipeline.fallback sync``.
 - Once kedro-mlflow has started the run: provenance tags (git commit and dirty flag, lock file
   hash, torch / CUDA / device, package versions, the manifest's data hash, and the process id
   and host), and signal handlers so that Ctrl-C (SIGINT) or SIGTERM marks the run KILLED before
@@ -21,7 +24,6 @@ import logging
 import os
 import signal
 import socket
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,19 @@ import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
 
+from cassava_pipeline.fallback import (
+    FALLBACK_FOR,
+    FALLBACK_FROM,
+    FALLBACK_WHERE,
+    LOCAL_TRACKING_URI,
+    SYNC_COMMAND,
+    Failover,
+    active_failover,
+    guarded,
+    is_remote,
+    pending,
+    server_answers,
+)
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
 from cassava_pipeline.vision.atomic import remove_dead_temps_under
@@ -36,24 +51,35 @@ from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
 
-LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 _MANIFESTS = ("manifest", "split_manifest")
-
-
-def server_answers(uri: str, timeout: float = 3.0) -> bool:
-    """Whether an MLflow tracking server answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
+__all__ = [
+    "FailoverEndHooks",
+    "KedroMlflowHooks",
+    "RunLockHooks",
+    "TrackingHooks",
+    "mark_dead_runs_killed",
+    "server_answers",
+]
 
 
 def mark_dead_runs_killed(host: str) -> list[str]:
     """Mark KILLED the runs of the active experiment left RUNNING by a dead process of ``host``
-    (kill -9 ends a process before it can end its run); return their ids."""
+    (kill -9 ends a process before it can end its run); return their ids.
+
+    A server run whose process failed over to the local store and finished there is not dead:
+    it waits for ``python -m cassava_pipeline.fallback sync``, which gives it its real status.
+    """
     current = active_run_id()
     client = mlflow.tracking.MlflowClient()
+    waiting: set[str] = set()
+    try:
+        if is_remote(mlflow.get_tracking_uri()):
+            waiting = {
+                r.data.tags.get(FALLBACK_FOR, "")
+                for r in pending(LOCAL_TRACKING_URI, mlflow.get_tracking_uri())
+            }
+    except Exception as e:  # a local store that cannot be read: nothing is waiting in it
+        logger.debug("could not read %s: %s", LOCAL_TRACKING_URI, e)
     try:
         exp = mlflow.get_experiment(mlflow.get_run(current).info.experiment_id)
         running = client.search_runs(
@@ -66,12 +92,19 @@ def mark_dead_runs_killed(host: str) -> list[str]:
         r.info.run_id
         for r in running
         if r.info.run_id != current
+        and r.info.run_id not in waiting
         and r.data.tags.get("host") == host
         and r.data.tags.get("pid", "").isdigit()
         and not pid_alive(int(r.data.tags["pid"]))
     ]
     for run_id in dead:
         client.set_terminated(run_id, status="KILLED")
+    if waiting & {r.info.run_id for r in running}:
+        logger.info(
+            "MLflow records of earlier run(s) wait in %s for this server: %s",
+            LOCAL_TRACKING_URI,
+            SYNC_COMMAND,
+        )
     if dead:
         logger.warning(
             "marked %d MLflow run(s) KILLED: their process died without ending them (kill -9?): %s",
@@ -118,6 +151,10 @@ class TrackingHooks:
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
         self._accelerator = "auto"
+        self._unreachable: str | None = None  # the server that did not answer at the start
+        self._failover: Failover | None = None
+        self._catalog: Any = None
+        self._tracked: dict[str, bool] = {}  # dataset name -> is it an MLflow dataset
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
@@ -129,13 +166,16 @@ class TrackingHooks:
         except Exception:  # no mlflow.yml: kedro-mlflow warns and uses its defaults
             return
         uri = str((conf.get("server") or {}).get("mlflow_tracking_uri") or "")
-        if uri.startswith(("http://", "https://")) and not server_answers(uri):
+        self._unreachable = None
+        if is_remote(uri) and not server_answers(uri):
+            self._unreachable = uri
             logger.warning(
                 "The MLflow tracking server %s does not answer. This run is recorded in the local "
                 "store %s instead; training goes on and saves its checkpoints as usual. Start "
-                "the server (README, 'Remote tracking') to record the next runs there.",
+                "the server (README, 'Remote tracking'), then send the run to it: %s",
                 uri,
                 LOCAL_TRACKING_URI,
+                SYNC_COMMAND,
             )
             conf = {**conf, "server": {**conf["server"], "mlflow_tracking_uri": LOCAL_TRACKING_URI}}
             loader["mlflow"] = conf
@@ -160,21 +200,63 @@ class TrackingHooks:
                     tags["data_hash"] = frame_hash(catalog.load(name))
             except Exception:  # a manifest that cannot be read is reported by the pipeline
                 pass
-        mlflow.set_tags(tags)
+        if self._unreachable:  # for `python -m cassava_pipeline.fallback sync`
+            tags.update({FALLBACK_FROM: self._unreachable, FALLBACK_FOR: ""})
+            tags[FALLBACK_WHERE] = "start"
+        self._catalog, self._tracked = catalog, {}
+        self._failover = Failover.for_active_run()  # None unless the store is a server
+        if self._failover is not None:
+            self._failover.set_tags(tags)
+        else:
+            mlflow.set_tags(tags)
         self._install_signal_handlers()
         mark_dead_runs_killed(tags["host"])
+
+    # ---- a server that stops answering mid-run (cassava_pipeline.fallback) -----------------
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        if self._failover is None:
+            return
+        params = {k: v for k, v in inputs.items() if k.startswith("params:") or k == "parameters"}
+        self._failover.remember_params(node, params)
+        self._failover.check(f"node {node.name}")  # before kedro-mlflow logs its parameters
+
+    @hook_impl(tryfirst=True)
+    def before_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if self._failover is not None and self._is_tracked(dataset_name):
+            self._failover.check(f"saving {dataset_name}")
+
+    def _is_tracked(self, name: str) -> bool:
+        if name not in self._tracked:
+            try:
+                dataset = self._catalog.get(name)
+            except Exception:
+                dataset = None
+            kind = type(dataset)
+            self._tracked[name] = kind.__module__.startswith("kedro_mlflow") or "Mlflow" in (
+                kind.__name__
+            )
+        return self._tracked[name]
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         if dataset_name in _MANIFESTS and isinstance(data, pd.DataFrame) and active_run_id():
-            mlflow.set_tag("data_hash", frame_hash(data))
+            tag = {"data_hash": frame_hash(data)}
+            if self._failover is not None:
+                self._failover.set_tags(tag)
+            else:
+                mlflow.set_tags(tag)
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        if self._failover is not None:  # kedro-mlflow ends the run next
+            self._failover.check("the end of the run")
         self._restore_signal_handlers()
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        if self._failover is not None:  # kedro-mlflow marks the run FAILED next
+            self._failover.check("the pipeline's error")
         self._restore_signal_handlers()
 
     # ---- interrupted runs ----------------------------------------------------------------
@@ -207,3 +289,76 @@ class TrackingHooks:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
+
+
+class FailoverEndHooks:
+    """After kedro-mlflow has ended the run: the failover is disarmed (MLflow's HTTP settings and
+    log levels as they were) and, if the run fell back, its last line says where it went."""
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        self._end()
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        self._end()
+
+    @staticmethod
+    def _end() -> None:
+        failover = active_failover()
+        if failover is None:
+            return
+        failover.disarm()
+        if failover.failed_over:
+            logger.info(failover.summary())
+
+
+class KedroMlflowHooks:
+    """kedro-mlflow's own hook, each call made through the failover.
+
+    ``settings.py`` disables the plugin's registration and registers this instead: a server that
+    goes away while kedro-mlflow talks to it (reopening the run and logging parameters before a
+    node, ending the run) moves the run to the local store and the call is made again there,
+    instead of failing a pipeline whose work is done.
+    """
+
+    def __init__(self, inner: Any = None) -> None:
+        if inner is None:
+            from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook  # noqa: PLC0415
+
+            inner = mlflow_hook
+        self._inner = inner
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._inner.after_context_created(context)
+
+    @hook_impl
+    def after_catalog_created(
+        self, catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
+    ) -> None:
+        self._inner.after_catalog_created(
+            catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
+        )
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._inner.before_pipeline_run(run_params, pipeline, catalog)
+
+    @hook_impl
+    def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        guarded(
+            lambda: self._inner.before_node_run(node, catalog, inputs, is_async),
+            f"node {node.name}",
+        )
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        guarded(lambda: self._inner.after_pipeline_run(run_params, pipeline, catalog), "the end")
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        guarded(
+            lambda: self._inner.on_pipeline_error(error, run_params, pipeline, catalog),
+            "the pipeline's error",
+        )

@@ -34,6 +34,7 @@ from mlflow.entities import Metric
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
+from cassava_pipeline.fallback import LOCAL_TRACKING_URI, active_failover, server_answers
 from cassava_pipeline.vision.predict import Classifier
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,19 @@ def active_run_id() -> str | None:
 
 @dataclass
 class EpochLogger:
-    """Logs a training stage's epoch rows to one MLflow run, at step ``offset + epoch``."""
+    """Logs a training stage's epoch rows to one MLflow run, at step ``offset + epoch``.
+
+    When the server stops answering, the main process fails the run over to the local store
+    (:mod:`cassava_pipeline.fallback`) and logs the rows there. A spawned training process
+    (``devices: N``) cannot move the run: it stops logging and the main process logs the
+    stage's epochs after it (:meth:`log_missing`).
+    """
 
     tracking_uri: str
     run_id: str
     offset: int
     disabled: bool = field(default=False)
+    main_pid: int = field(default_factory=os.getpid)
 
     @classmethod
     def for_active_run(cls, offset: int) -> EpochLogger | None:
@@ -88,28 +96,54 @@ class EpochLogger:
             for key in EPOCH_METRICS
             if key in row and row[key] is not None and math.isfinite(float(row[key]))
         ]
+        self._follow_failover()
         try:
             with _few_retries():
                 self._client().log_batch(self.run_id, metrics=metrics)
+            return
         except Exception as e:
-            self.disabled = True
-            logger.warning(
-                "MLflow stopped answering (%s: %s); training goes on and saves its checkpoints, "
-                "but the remaining epoch metrics of this run are not logged",
-                type(e).__name__,
-                e,
-            )
+            error = e
+        failover = active_failover()
+        outage = failover is not None and failover.run_id == self.run_id
+        if outage and not server_answers(failover.server_uri):  # not a refused request
+            failover.switch(f"{type(error).__name__}: {error}", "logging epoch metrics")
+            self._follow_failover()
+            try:
+                self._client().log_batch(self.run_id, metrics=metrics)  # the local store
+                return
+            except Exception as e:
+                error = e
+        self.disabled = True
+        if os.getpid() != self.main_pid:  # a spawned training process: the parent logs them
+            logger.info("MLflow does not answer; the main process logs this stage's epochs")
+            return
+        logger.warning(
+            "MLflow stopped answering (%s: %s); training goes on and saves its checkpoints, "
+            "but the remaining epoch metrics of this run are not logged",
+            type(error).__name__,
+            error,
+        )
+
+    def _follow_failover(self) -> None:
+        """Log where the run is now, if it moved to the local store."""
+        failover = active_failover()
+        if failover is not None and failover.failed_over and failover.run_id == self.run_id:
+            self.tracking_uri, self.run_id = LOCAL_TRACKING_URI, str(failover.local_run_id)
 
     def __call__(self, row: dict[str, Any]) -> None:
         self._log([row])
 
     def log_missing(self, history: pd.DataFrame) -> int:
         """Log the epochs of ``history`` the run does not have yet (a resumed or reused stage
-        trained them in an earlier run); returns how many."""
-        if self.disabled or history.empty:
+        trained them in an earlier run, or a spawned process could not log them); returns how
+        many. In the main process, which only a spawned copy of this logger may have given up."""
+        if history.empty:
             return 0
+        self._follow_failover()
         try:
-            logged = {m.step for m in self._client().get_metric_history(self.run_id, "accuracy")}
+            with _few_retries():
+                history_there = self._client().get_metric_history(self.run_id, "accuracy")
+            logged = {m.step for m in history_there}
         except Exception:
             logged = set()
         rows = [

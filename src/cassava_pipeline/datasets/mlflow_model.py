@@ -12,6 +12,7 @@ import mlflow
 from kedro.io import AbstractDataset, DatasetError
 
 import cassava_pipeline
+from cassava_pipeline.fallback import guarded
 from cassava_pipeline.tracking import active_run_id
 from cassava_pipeline.vision.export import ExportedModel
 
@@ -49,14 +50,17 @@ class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.safetensors"
             path.write_bytes(data.to_bytes())
-            info = mlflow.pyfunc.log_model(
-                name=self._name,
-                python_model=str(_PACKAGE / "mlflow_model.py"),
-                artifacts={"model": str(path)},
-                code_paths=[str(_PACKAGE)],
-                registered_model_name=self._registered,
-                pip_requirements=_requirements(),
-                metadata={"model_card": data.card.to_json()},
+            info = guarded(  # a server that went away: the model goes to the local store
+                lambda: mlflow.pyfunc.log_model(
+                    name=self._name,
+                    python_model=str(_PACKAGE / "mlflow_model.py"),
+                    artifacts={"model": str(path)},
+                    code_paths=[str(_PACKAGE)],
+                    registered_model_name=self._registered,
+                    pip_requirements=_requirements(),
+                    metadata={"model_card": data.card.to_json()},
+                ),
+                "logging the model",
             )
         self._uri = info.model_uri
         logger.info("logged the model to MLflow as %s", self._uri)
