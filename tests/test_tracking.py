@@ -124,6 +124,7 @@ def test_failover_moves_the_active_run_and_the_epoch_logger_follows(store, caplo
 
     module_log = logging.getLogger("cassava_pipeline.fallback")
     monkeypatch.setattr(module_log, "handlers", [caplog.handler])
+    monkeypatch.setattr(module_log, "propagate", False)  # caplog may be on the root too
     uri, exp = store
     with mlflow.start_run(experiment_id=exp, run_name="cassava") as server_run:
         rid = server_run.info.run_id

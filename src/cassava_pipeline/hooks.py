@@ -47,12 +47,14 @@ from cassava_pipeline.fallback import (
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
 from cassava_pipeline.vision.atomic import remove_dead_temps_under
+from cassava_pipeline.vision.dist import end_process_group, ensure_process_group, rank
 from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
 
 _MANIFESTS = ("manifest", "split_manifest")
 __all__ = [
+    "DistributedHooks",
     "FailoverEndHooks",
     "KedroMlflowHooks",
     "RunLockHooks",
@@ -114,6 +116,20 @@ def mark_dead_runs_killed(host: str) -> list[str]:
     return dead
 
 
+class DistributedHooks:
+    """Under ``torchrun``: the process group every rank shares from the pipeline's start (rank 0
+    writes, the others wait at barriers; :mod:`cassava_pipeline.vision.dist`), torn down once
+    every rank has finished."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        ensure_process_group()
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        end_process_group()
+
+
 class RunLockHooks:
     """Takes the project's run lock before the run starts; releases it when the run ends."""
 
@@ -122,7 +138,7 @@ class RunLockHooks:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds it for the job
+        if rank() != 0:  # torchrun: rank 0 holds it for the job
             return
         project = Path(run_params.get("project_path") or Path.cwd())
         self._lock = RunLock(project, str(run_params.get("env") or "local"))
@@ -158,6 +174,8 @@ class TrackingHooks:
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
+        if rank() != 0:  # under torchrun rank 0 alone records the run
+            return
         loader = context.config_loader
         if "mlflow" not in loader.config_patterns:
             loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
@@ -194,6 +212,7 @@ class TrackingHooks:
         tags["kedro_pipeline"] = ",".join(str(n) for n in names if n) or "__default__"
         tags["kedro_env"] = str(run_params.get("env") or "local")
         tags["pid"], tags["host"] = str(os.getpid()), socket.gethostname()
+        tags["world_size"] = os.environ.get("WORLD_SIZE", "1")  # torchrun's processes
         for name in _MANIFESTS:
             try:
                 if catalog.exists(name):
@@ -331,22 +350,33 @@ class KedroMlflowHooks:
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        self._inner.after_context_created(context)
+        if rank() == 0:  # under torchrun one MLflow run, rank 0's: the others record nothing
+            self._inner.after_context_created(context)
 
     @hook_impl
     def after_catalog_created(
         self, catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
     ) -> None:
-        self._inner.after_catalog_created(
-            catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
-        )
+        if rank() == 0:
+            self._inner.after_catalog_created(
+                catalog, conf_catalog, conf_creds, parameters, save_version, load_versions
+            )
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if rank() != 0:
+            from kedro_mlflow.io.catalog.switch_catalog_logging import (  # noqa: PLC0415
+                switch_catalog_logging,
+            )
+
+            switch_catalog_logging(catalog, False)  # its datasets would open runs of their own
+            return
         self._inner.before_pipeline_run(run_params, pipeline, catalog)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        if rank() != 0:
+            return
         guarded(
             lambda: self._inner.before_node_run(node, catalog, inputs, is_async),
             f"node {node.name}",
@@ -354,10 +384,14 @@ class KedroMlflowHooks:
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        if rank() != 0:
+            return
         guarded(lambda: self._inner.after_pipeline_run(run_params, pipeline, catalog), "the end")
 
     @hook_impl
     def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        if rank() != 0:
+            return
         guarded(
             lambda: self._inner.on_pipeline_error(error, run_params, pipeline, catalog),
             "the pipeline's error",

@@ -2,6 +2,7 @@
 
 from cassava_pipeline.config import LOADER_ARGS, ProjectConfigLoader
 from cassava_pipeline.hooks import (
+    DistributedHooks,
     FailoverEndHooks,
     KedroMlflowHooks,
     RunLockHooks,
@@ -18,4 +19,11 @@ CONFIG_LOADER_ARGS = LOADER_ARGS
 # at a time per project and environment, and disarm the failover after kedro-mlflow has ended
 # the run. Registered last, kedro-mlflow's hook is called first, as a plugin's would be.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
-HOOKS = (RunLockHooks(), TrackingHooks(), FailoverEndHooks(), KedroMlflowHooks())
+# DistributedHooks: under torchrun, the process group every rank shares from the start.
+HOOKS = (
+    DistributedHooks(),
+    RunLockHooks(),
+    TrackingHooks(),
+    FailoverEndHooks(),
+    KedroMlflowHooks(),
+)

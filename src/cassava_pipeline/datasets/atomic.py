@@ -25,6 +25,7 @@ from kedro_datasets.pandas import ParquetDataset as _ParquetDataset
 from kedro_datasets.pillow import ImageDataset as _ImageDataset
 
 from cassava_pipeline.vision.atomic import fsync_dir, remove_dead_temps, temp_path
+from cassava_pipeline.vision.dist import on_rank_zero
 
 
 class AtomicWrites:
@@ -37,6 +38,10 @@ class AtomicWrites:
         return self._atomic_target or super()._get_save_path()  # type: ignore[misc]
 
     def save(self, data: Any) -> None:
+        # Under torchrun rank 0 writes and the others wait until the file is in place.
+        on_rank_zero(lambda: self._save_atomic(data))
+
+    def _save_atomic(self, data: Any) -> None:
         parent_save = super().save  # type: ignore[misc]
         unwrapped = getattr(parent_save, "__wrapped__", None)  # Kedro's wrapper is around ours
 

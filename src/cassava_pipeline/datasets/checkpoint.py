@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -10,15 +9,15 @@ from typing import Any, BinaryIO
 from kedro.io import AbstractDataset
 
 from cassava_pipeline.vision.atomic import write_atomic
+from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.integrity import load_checkpoint, save_checkpoint
 
 
 def write_atomic_rank0(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """:func:`~cassava_pipeline.vision.atomic.write_atomic` on rank 0 only (under torchrun
-    every rank runs the node): a killed run never leaves half a file."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    write_atomic(path, write)
+    every rank runs the node), then a barrier: when any rank goes on, the file is whole and in
+    place for it to read."""
+    on_rank_zero(lambda: write_atomic(path, write))
 
 
 class CheckpointDataset(AbstractDataset[dict, dict]):

@@ -14,6 +14,7 @@ from kedro.io import AbstractDataset, DatasetError
 import cassava_pipeline
 from cassava_pipeline.fallback import guarded
 from cassava_pipeline.tracking import active_run_id
+from cassava_pipeline.vision.dist import rank
 from cassava_pipeline.vision.export import ExportedModel
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
         self.metadata = metadata
 
     def save(self, data: ExportedModel) -> None:
+        if rank() != 0:  # under torchrun rank 0's run alone records the model
+            return
         if active_run_id() is None:
             logger.warning("no active MLflow run: the model is not logged to MLflow")
             return

@@ -33,6 +33,7 @@ class MlflowArtifactDataset(AbstractDataset[Any, Any]):
     ):
         self._dataset = AbstractDataset.from_config("file", dict(dataset))
         self._artifact_path = artifact_path
+        self._logging_activated = True  # kedro-mlflow switches it off where it records nothing
         self.metadata = metadata
 
     def _local_path(self) -> Path:
@@ -46,7 +47,7 @@ class MlflowArtifactDataset(AbstractDataset[Any, Any]):
 
     def save(self, data: Any) -> None:
         self._dataset.save(data)
-        if mlflow.active_run() is None:
+        if not self._logging_activated or mlflow.active_run() is None:
             return
         path = self._local_path()
         guarded(lambda: mlflow.log_artifact(str(path), self._artifact_path), f"logging {path.name}")

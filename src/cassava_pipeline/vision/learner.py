@@ -314,7 +314,7 @@ class Trainer:
             "start_metrics": {},
         }
         ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
-        found = _resume_file(checkpoint_dir, cfg.name, f.is_global_zero) if ckpt else None
+        found = _agreed_resume_file(f, checkpoint_dir, cfg.name) if ckpt else None
         if found is not None:
             path, saved = found
             reason = explain(saved.get("fingerprint"), fp)
@@ -629,6 +629,19 @@ def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
 
 
 RESUME_FILES = ("last.pt", "prev.pt")  # this epoch's state, and the one before it
+
+
+def _agreed_resume_file(fabric, folder: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The resume file every rank uses: rank 0 chooses (setting a damaged one aside) and the
+    others load the one it names, so that no two ranks decide differently."""
+    if fabric.world_size == 1:
+        return _resume_file(folder, name, True)
+    found = _resume_file(folder, name, True) if fabric.is_global_zero else None
+    choice = fabric.broadcast(found[0].name if found is not None else None, src=0)
+    if fabric.is_global_zero or choice is None:
+        return found
+    path = folder / choice
+    return path, load_checkpoint(path, todo="rank 0 verified it a moment ago; rerun the stage")
 
 
 def _resume_file(folder: Path, name: str, log: bool) -> tuple[Path, dict[str, Any]] | None:

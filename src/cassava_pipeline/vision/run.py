@@ -2,7 +2,10 @@
 
 ``devices: N`` (N > 1) launches N processes from inside the calling process (``ddp_spawn``;
 gloo on CPU, NCCL on CUDA) and returns rank 0's result. Under ``torchrun`` (several machines)
-Fabric picks the ranks up from the environment and each process runs the stage itself.
+every process runs the stage itself in the process group of :mod:`.dist`, which Fabric finds
+initialised; every rank returns rank 0's result (history and best epoch broadcast, the weights
+equal on every rank by DDP). lr_find is a sweep of one process: under torchrun rank 0 runs it
+and broadcasts its result, the others wait.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 
+from .dist import broadcast_from_zero, ensure_process_group, launched_by_torchrun, rank
 from .learner import RuntimeConfig, StageConfig, StageResult, Trainer
 from .models import Stats, create_model
 from .schedule import LrFindOptions
@@ -44,15 +48,13 @@ def inference_device(accelerator: str) -> torch.device:
     return torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
 def make_fabric(runtime: RuntimeConfig):
     """A Lightning Fabric for the runtime settings."""
     strategy = runtime.strategy
     if strategy == "auto" and runtime.devices * runtime.num_nodes > 1:
-        strategy = "ddp" if _under_torchrun() else "ddp_spawn"
+        strategy = "ddp" if launched_by_torchrun() else "ddp_spawn"
+    if strategy == "ddp":
+        ensure_process_group()  # Fabric uses it (gloo for CPU tensors, NCCL for CUDA ones)
     return Fabric(
         accelerator=runtime.accelerator,
         devices=runtime.devices,
@@ -70,17 +72,20 @@ def _threads(fabric) -> None:
 
 def _train(
     fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path, on_epoch
-) -> None:
+) -> StageResult | None:
     _threads(fabric)
     model, stats = model_from_checkpoint(checkpoint)
     train, valid = shards.split()
     trainer = Trainer(fabric, model, stats, progress=runtime.progress)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result = trainer.fit(train, valid, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
+    if result_path is None:  # in this process (one device, or torchrun): returned
+        return result
     if fabric.is_global_zero:
         # Through a file: a spawned process's return value goes through a pipe that the
         # launcher only reads after every process has exited, so a large one would deadlock.
         torch.save(asdict(result), result_path)
+    return None
 
 
 def train_in_fabric(
@@ -98,8 +103,9 @@ def train_in_fabric(
     on rank 0, as soon as the epoch ends.
     """
     fabric = make_fabric(runtime)
+    spawned = fabric.world_size > 1 and not launched_by_torchrun()  # ddp_spawn
     with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "result.pt"
+        result_path = Path(tmp) / "result.pt" if spawned else None
         # A partial: Fabric's launcher walks positional arguments and chokes on frozen dataclasses.
         job = partial(
             _train,
@@ -111,8 +117,12 @@ def train_in_fabric(
             result_path=result_path,
             on_epoch=on_epoch,
         )
-        fabric.launch(job)
-        return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))
+        result = fabric.launch(job)
+        if result_path is not None:
+            return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))
+    # torchrun: every rank returns rank 0's record of the stage (its weights are every rank's)
+    record = broadcast_from_zero({k: v for k, v in asdict(result).items() if k != "state_dict"})
+    return StageResult(**{**record, "state_dict": result.state_dict})
 
 
 def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime, cache_file) -> dict[str, Any]:
@@ -135,8 +145,13 @@ def lr_find_in_fabric(
     """fastai's lr_find for the model of ``checkpoint`` (always one process: it is a sweep).
 
     With ``cache_dir``, the sweep is stored in ``cache_dir/lr_find.json`` with the fingerprint
-    of its inputs and reused while they are equal (:meth:`Trainer.lr_find`).
+    of its inputs and reused while they are equal (:meth:`Trainer.lr_find`). Under torchrun,
+    rank 0 sweeps (on its own device) and every rank gets its result.
     """
+    if launched_by_torchrun():
+        ensure_process_group()
+        if rank() != 0:
+            return broadcast_from_zero(None)
     single = RuntimeConfig(**{**runtime.__dict__, "devices": 1, "num_nodes": 1, "strategy": "auto"})
     fabric = make_fabric(single)
     job = partial(
@@ -148,4 +163,4 @@ def lr_find_in_fabric(
         runtime=single,
         cache_file=Path(cache_dir) / "lr_find.json" if cache_dir is not None else None,
     )
-    return fabric.launch(job)
+    return broadcast_from_zero(fabric.launch(job))
