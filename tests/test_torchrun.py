@@ -8,6 +8,8 @@ with the same seed: the same weights, bit for bit, one MLflow run, rank 0 alone 
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -50,15 +52,23 @@ def _same(a: dict, b: dict) -> bool:
     )
 
 
-def _torchrun(root: Path, nnodes: int, nproc: int, params: str) -> list[subprocess.Popen]:
-    """The README's command, one per node, started side by side on 127.0.0.1."""
+def _torchrun(
+    root: Path,
+    nnodes: int,
+    nproc: int,
+    params: str | list[str],
+    pipeline: str = "--pipelines=train",
+) -> list[subprocess.Popen]:
+    """The README's command, one per node (``params``: theirs, or one for all), started side
+    by side on 127.0.0.1."""
     port = servers.free_port()
     procs = []
     for node in range(nnodes):
+        own = params[node] if isinstance(params, list) else params
         command = [
             str(TORCHRUN), f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
             f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
-            "-m", "kedro", "run", "--pipelines=train", f"--params={params}",
+            "-m", "kedro", "run", pipeline, f"--params={own}",
         ]  # fmt: skip
         log = open(root / f"node{node}.log", "w")  # noqa: SIM115 - closed with the process
         procs.append(
@@ -97,13 +107,18 @@ def spawned(data_ready, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("nnodes", "nproc", "params"),
-    [(2, 1, "runtime.devices=1,runtime.num_nodes=2"), (1, 2, "runtime.devices=2")],
-    ids=["two-machines", "one-machine-two-processes"],
+    ("nnodes", "nproc", "params", "pipeline"),
+    [
+        (2, 1, "runtime.devices=1,runtime.num_nodes=2", "--pipelines=train"),
+        (1, 2, "runtime.devices=2", "--pipeline=cassava"),  # the data half again, and evaluate
+    ],
+    ids=["two-machines-train", "one-machine-two-processes-cassava"],
 )
-def test_torchrun_trains_like_devices_2(data_ready, spawned, tmp_path, nnodes, nproc, params):
+def test_torchrun_trains_like_devices_2(
+    data_ready, spawned, tmp_path, nnodes, nproc, params, pipeline
+):
     root = _copy(data_ready, tmp_path / "project")
-    codes = _wait(_torchrun(root, nnodes, nproc, params), root)
+    codes = _wait(_torchrun(root, nnodes, nproc, params, pipeline), root)
     logs = "".join((root / f"node{i}.log").read_text() for i in range(nnodes))
     assert codes == [0] * nnodes, logs[-4000:]
     assert _same(_weights(root), _weights(spawned))  # bit for bit
@@ -121,3 +136,30 @@ def test_torchrun_trains_like_devices_2(data_ready, spawned, tmp_path, nnodes, n
                 for r in (root, spawned))  # fmt: skip
         assert a.drop(columns="seconds").equals(b.drop(columns="seconds"))
     assert "Traceback" not in logs
+    if pipeline == "--pipeline=cassava":  # rank 0 wrote the evaluation once
+        assert json.loads((root / "data" / "08_reporting" / "metrics.json").read_text())
+        assert run.data.metrics["final_metrics.tta_accuracy"] >= 0
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank_and_the_run_is_failed(data_ready, tmp_path):
+    """The second machine is misconfigured (an accelerator it does not have): it fails when the
+    frozen stage starts; the first machine stops at its next collective instead of hanging, says
+    which rank failed first, and its MLflow run is FAILED with that rank and error as tags."""
+    import time
+
+    root = _copy(data_ready, tmp_path / "project")
+    params = "runtime.devices=1,runtime.num_nodes=2"
+    start = time.monotonic()
+    codes = _wait(_torchrun(root, 2, 1, [params, f"{params},runtime.accelerator=tpu"]), root, 300)
+    elapsed = time.monotonic() - start
+    first, second = ((root / f"node{i}.log").read_text() for i in range(2))
+    assert codes[0] != 0 and codes[1] != 0, first[-3000:] + second[-3000:]
+    assert elapsed < 240, f"{elapsed:.0f} s"
+    # torchrun's summary names the root cause, with the traceback from the error file we wrote
+    assert re.search(r"Root Cause[^\n]*\n.*\n.*\n.*\n\s+rank\s+: 1 ", second), second[-3000:]
+    assert "traceback : Traceback" in second and "torch_xla" in second
+    assert "rank 1 (" in first and "failed first" in first, first[-3000:]
+    (run,) = _runs(root)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failed_rank"] == "1" and "torch_xla" in run.data.tags["failure"]

@@ -47,7 +47,14 @@ from cassava_pipeline.fallback import (
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
 from cassava_pipeline.vision.atomic import remove_dead_temps_under
-from cassava_pipeline.vision.dist import end_process_group, ensure_process_group, rank
+from cassava_pipeline.vision.dist import (
+    end_process_group,
+    ensure_process_group,
+    failure_elsewhere,
+    launched_by_torchrun,
+    rank,
+    report_failure,
+)
 from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -128,6 +135,32 @@ class DistributedHooks:
     @hook_impl(trylast=True)
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
         end_process_group()
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow marks the run FAILED: its tags say why
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        if not launched_by_torchrun():
+            return
+        first = failure_elsewhere()
+        if first is None:
+            first = report_failure(error)
+        else:
+            logger.error(
+                "stopping: %s failed first (this rank's %s follows from it)",
+                first,
+                type(error).__name__,
+            )
+        _tag_failure(first)
+
+
+def _tag_failure(line: str | None) -> None:
+    """On rank 0's MLflow run: which rank failed first, and its error."""
+    if not line or active_run_id() is None:
+        return
+    with contextlib.suppress(Exception):  # tracking never hides the failure itself
+        guarded(
+            lambda: mlflow.set_tags({"failed_rank": line.split()[1], "failure": line[:5000]}),
+            "recording the failure",
+        )
 
 
 class RunLockHooks:
@@ -295,13 +328,19 @@ class TrackingHooks:
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         run_id = active_run_id()
+        # Under torchrun, the agent stops the other ranks when one fails: that run FAILED.
+        first = failure_elsewhere() if launched_by_torchrun() else None
+        status = "FAILED" if first else "KILLED"
+        if first:
+            logger.error("%s: stopped by torchrun because %s failed", name, first)
+            _tag_failure(first)
         if run_id is not None:
-            logger.warning("%s: marking MLflow run %s KILLED", name, run_id)
+            logger.warning("%s: marking MLflow run %s %s", name, run_id, status)
             try:
                 # kedro-mlflow may have stacked the run (restarted per node): end every level,
                 # or MLflow's exit handler would end the rest FINISHED, overwriting KILLED.
                 while mlflow.active_run() is not None:
-                    mlflow.end_run(status="KILLED")
+                    mlflow.end_run(status=status)
             except Exception as e:  # never block the interruption itself
                 logger.warning("could not mark the run KILLED: %s", e)
         self._restore_signal_handlers()

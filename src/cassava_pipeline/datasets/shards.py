@@ -10,6 +10,7 @@ from typing import Any
 from kedro.io import AbstractDataset
 
 from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path
+from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.presize import META_FILE, PresizeJob, write_shards
 from cassava_pipeline.vision.shards import ShardedImages
 
@@ -29,6 +30,10 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         return ShardedImages(self._path)
 
     def save(self, data: PresizeJob) -> None:
+        # Under torchrun rank 0 presizes (the job runs here, in save) and the others wait.
+        on_rank_zero(lambda: self._write(data))
+
+    def _write(self, data: PresizeJob) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temps(self._path)  # a presize killed mid-way (kill -9) left its folder
         tmp = temp_path(self._path, os.getpid())

@@ -8,18 +8,28 @@ broadcast. :func:`ensure_process_group` creates it from torchrun's environment (
 tensors, NCCL for CUDA tensors when CUDA is present); Lightning Fabric finds it initialised and
 uses it. Without torchrun (one process, or ``devices: N``, where Fabric spawns its own
 processes) every function here is a no-op.
+
+A rank that fails says so before it exits (:func:`report_failure`): in the store torchrun's
+agent keeps for the job (it outlives the workers) and in torchrun's own error file, so that
+torchrun's summary shows its traceback. The other ranks stop at their next collective (gloo and
+NCCL see the peer gone) or by the agent's SIGTERM, and :func:`failure_elsewhere` tells them
+which rank failed first and why.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 def launched_by_torchrun() -> bool:
@@ -44,7 +54,9 @@ def ensure_process_group() -> bool:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend)
+    # Long: the others wait at barriers while rank 0 alone presizes or sweeps lr_find. A rank
+    # that dies ends the others at once all the same (its connections close).
+    dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return True
 
 
@@ -81,3 +93,59 @@ def end_process_group() -> None:
         dist.barrier()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- a failure on one rank, known to the others ---------------------------------------------
+
+
+def _failure_key() -> str:
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"cassava/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/failed"
+
+
+def _store() -> dist.TCPStore | None:
+    """A client of the store torchrun's agent keeps (``MASTER_ADDR:MASTER_PORT``)."""
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=5),
+        )
+    except (KeyError, ValueError, RuntimeError) as e:
+        logger.debug("torchrun's store cannot be reached: %s", e)
+        return None
+
+
+def report_failure(error: BaseException) -> str | None:
+    """Record that this rank failed, with ``error`` (first failure only); returns the line
+    recorded, or None outside torchrun."""
+    if not launched_by_torchrun():
+        return None
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler  # noqa: PLC0415
+
+    line = f"rank {rank()} ({os.uname().nodename}): {type(error).__name__}: {error}"[:2000]
+    ErrorHandler().record_exception(error)  # torchrun's summary shows it as the root cause
+    store = _store()
+    if store is not None:
+        try:
+            store.compare_set(_failure_key(), "", line)  # the first failure wins
+        except RuntimeError as e:
+            logger.debug("could not record the failure in torchrun's store: %s", e)
+    return line
+
+
+def failure_elsewhere() -> str | None:
+    """What another rank recorded when it failed first (see :func:`report_failure`), or None."""
+    if not launched_by_torchrun():
+        return None
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if not store.check([_failure_key()]):
+            return None
+        line = store.get(_failure_key()).decode(errors="replace")
+    except RuntimeError:
+        return None
+    return None if line.startswith(f"rank {rank()} ") else line
