@@ -122,6 +122,9 @@ def test_torchrun_trains_like_devices_2(
     logs = "".join((root / f"node{i}.log").read_text() for i in range(nnodes))
     assert codes == [0] * nnodes, logs[-4000:]
     assert _same(_weights(root), _weights(spawned))  # bit for bit
+    model = Path("data") / "06_models" / "model.safetensors"  # one model, written by rank 0
+    assert (root / model).read_bytes() == (spawned / model).read_bytes()
+    assert not [p for p in (root / "data").rglob(".*") if ".tmp-" in p.name]  # no debris
     (run,) = _runs(root)  # one MLflow run, rank 0's
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     from mlflow.tracking import MlflowClient
