@@ -190,7 +190,20 @@ def mixup_batch(
 
 
 def _loss(logits, y, smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy, with fastai's ``LabelSmoothingCrossEntropy(eps=smoothing)`` when > 0."""
     return F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
+
+
+def mixup_loss(
+    logits: torch.Tensor, y: torch.Tensor, y_shuffled: torch.Tensor, lam: torch.Tensor, smoothing
+) -> torch.Tensor:
+    """fastai's ``MixUp.lf``: per item, the loss on the shuffled labels lerped towards the loss
+    on the item's own labels by ``lam``; then the mean."""
+    return torch.lerp(
+        _loss(logits, y_shuffled, smoothing, "none"),
+        _loss(logits, y, smoothing, "none"),
+        lam.float(),
+    ).mean()
 
 
 class Trainer:
@@ -371,11 +384,7 @@ class Trainer:
                     if cfg.mixup > 0:
                         x, y2, lam = mixup_batch(x, labels, cfg.mixup, mix_gen)
                         logits = step_model(x)
-                        loss = torch.lerp(
-                            _loss(logits, y2, cfg.label_smoothing, "none"),
-                            _loss(logits, labels, cfg.label_smoothing, "none"),
-                            lam.float(),
-                        ).mean()
+                        loss = mixup_loss(logits, labels, y2, lam, cfg.label_smoothing)
                     else:
                         logits = step_model(x)
                         loss = _loss(logits, labels, cfg.label_smoothing)

@@ -23,10 +23,15 @@ def sched_cos(start: float, end: float, pos: float) -> float:
 
 
 def combined_cos(pct: float, start: float, middle: float, end: float, pos: float) -> float:
-    """fastai's combined_cos: start -> middle over ``pct`` of the run, then middle -> end."""
-    if pos < pct:
-        return sched_cos(start, middle, pos / pct)
-    return sched_cos(middle, end, (pos - pct) / (1 - pct))
+    """fastai's combined_cos: start -> middle over ``pct`` of the run, then middle -> end.
+
+    As fastai's ``combine_scheds``, the phase boundaries are a float32 tensor, so the position
+    within a phase is computed in float32 (a few 1e-6 of the rate late in a cycle).
+    """
+    bounds = torch.cumsum(torch.tensor([0.0, pct, 1 - pct]), 0)
+    idx = min(int((pos >= bounds).nonzero().max()), 1)
+    within = float((pos - bounds[idx]) / (bounds[idx + 1] - bounds[idx]))
+    return sched_cos(*((start, middle) if idx == 0 else (middle, end)), within)
 
 
 @dataclass(frozen=True)
@@ -139,9 +144,54 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
     return float(lrs[idx]), idx
 
 
-def suggest_valley(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> float:
-    """fastai's ``LRFinder`` suggestion: trim the ends, stop at the first NaN, take the valley."""
-    lrs, losses = list(lrs)[num_it // 10 : -5], list(losses)[num_it // 10 : -5]
+def slide(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    lr_diff: int = 15,
+    thresh: float = 0.005,
+    adjust_value: float = 1.0,
+) -> float:
+    """fastai's ``slide`` suggestion: walk left from the end until the loss gradient ``lr_diff``
+    points apart differs by at most ``thresh``."""
+    grad = np.gradient(np.asarray(losses, dtype=np.float32))
+    r_idx, l_idx = -1, -1 - lr_diff
+    local_min_lr = lrs[l_idx]
+    while l_idx >= -len(losses) and abs(grad[r_idx] - grad[l_idx]) > thresh:
+        local_min_lr = lrs[l_idx]
+        r_idx -= 1
+        l_idx -= 1
+    return float(local_min_lr) * adjust_value
+
+
+def minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """fastai's ``minimum`` suggestion: a tenth of the lr at the lowest loss."""
+    return float(lrs[int(np.argmin(np.asarray(losses, dtype=np.float32)))]) / 10
+
+
+def steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """fastai's ``steep`` suggestion: the lr where the loss falls fastest (per log-lr)."""
+    lr = torch.tensor(list(lrs), dtype=torch.float32)
+    loss = torch.tensor(list(losses), dtype=torch.float32)
+    grads = (loss[1:] - loss[:-1]) / (lr[1:].log() - lr[:-1].log())
+    return float(lr[grads.argmin()])
+
+
+SUGGESTIONS = {
+    "valley": lambda lrs, losses: valley(lrs, losses)[0],
+    "slide": slide,
+    "minimum": minimum,
+    "steep": steep,
+}
+
+
+def suggest(lrs: Sequence[float], losses: Sequence[float], num_it: int, method: str = "valley"):
+    """fastai's ``lr_find`` suggestion ``method`` (valley, slide, minimum, steep): the curve
+    trimmed of its first tenth and last five points, cut at the first NaN, in float32 as fastai
+    holds it (so ties and the returned rate are fastai's)."""
+    if method not in SUGGESTIONS:
+        raise ValueError(f"lr_find suggestion {method!r}: use one of {', '.join(SUGGESTIONS)}")
+    as32 = lambda v: torch.tensor(list(v), dtype=torch.float32).tolist()  # noqa: E731
+    lrs, losses = as32(list(lrs)[num_it // 10 : -5]), as32(list(losses)[num_it // 10 : -5])
     for i, loss in enumerate(losses):
         if math.isnan(loss):
             lrs, losses = lrs[:i], losses[:i]
@@ -151,4 +201,9 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float], num_it: int) -
             f"lr_find recorded too few points ({len(losses)}) to suggest a learning rate; "
             "raise lr_find.num_it or use more training data"
         )
-    return valley(lrs, losses)[0]
+    return float(SUGGESTIONS[method](lrs, losses))
+
+
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> float:
+    """fastai's default ``lr_find`` suggestion (:func:`suggest` with ``valley``)."""
+    return suggest(lrs, losses, num_it, "valley")

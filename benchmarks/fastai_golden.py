@@ -1,0 +1,265 @@
+"""Reference values computed by fastai itself, for tests that must not re-derive the formulas.
+
+    make bench-env && .venv-bench/bin/python benchmarks/fastai_golden.py
+
+Runs fastai 2.8.12 (benchmark environment only: fastai is never a dependency of the product) on
+tiny models and fixed tensors, and writes ``tests/golden/<name>.json`` with the fastai version
+and this script's name in each file. The tests compare ours with them to 1e-6; no fastai at test
+time. What is recorded:
+
+- ``one_cycle``: the learning rate of every parameter group and Adam's beta1 at every training
+  step of real ``fit_one_cycle`` calls (several epochs, steps, pct_start, div, div_final, and
+  lr as a number, ``slice(hi)`` and ``slice(lo, hi)``), and of a real ``fine_tune`` (its frozen
+  and unfrozen cycles);
+- ``lr_find``: real ``lr_find`` sweeps on tiny learners (several seeds): the recorded lrs and
+  smoothed losses and the ``valley``, ``slide``, ``minimum`` and ``steep`` suggestions;
+- ``losses``: ``LabelSmoothingCrossEntropy`` and ``MixUp``'s loss on fixed logits, targets,
+  shuffle and lambda;
+- ``tta``: ``Learner.tta``'s blend (mean and max, several beta) of fixed predictions;
+- ``interpret``: ``ClassificationInterpretation``'s confusion matrix, ``most_confused`` and
+  ``top_losses`` on fixed predictions;
+- ``head``: ``create_head``'s layers and parameter count for several feature sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastai.callback.mixup import MixUp
+from fastai.interpret import ClassificationInterpretation
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
+from fastai.vision.all import (
+    Callback,
+    DataLoaders,
+    Datasets,
+    create_head,
+    minimum,
+    slide,
+    steep,
+    valley,
+)
+from torch import nn
+
+warnings.filterwarnings("ignore")
+OUT = Path(__file__).resolve().parents[1] / "tests" / "golden"
+
+
+def _write(name: str, values: dict[str, Any]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "generated_by": "benchmarks/fastai_golden.py",
+        "fastai": metadata.version("fastai"),
+        "torch": metadata.version("torch"),
+        **values,
+    }
+    (OUT / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {OUT / name}.json")
+
+
+class _Record(Callback):
+    """Every parameter group's lr and beta1 at each training step, as the optimizer used them."""
+
+    order = 100
+
+    def __init__(self):
+        self.fits: list[dict[str, list]] = []  # one per fit (fine_tune makes two)
+
+    def before_fit(self):
+        self.fits.append({"lrs": [], "moms": []})
+
+    def after_batch(self):
+        if self.training:
+            self.fits[-1]["lrs"].append([float(h["lr"]) for h in self.opt.hypers])
+            self.fits[-1]["moms"].append(float(self.opt.hypers[-1]["mom"]))
+
+
+def _learner(n_items: int, bs: int, seed: int = 0) -> Learner:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_items, 4, generator=g)
+    y = (x[:, 0] + 0.3 * torch.randn(n_items, generator=g) > 0).long()
+    items = list(zip(x, y, strict=True))
+    dls = DataLoaders.from_dsets(items, items, bs=bs, shuffle=False, num_workers=0, device="cpu")
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
+    groups = lambda m: [list(m[0].parameters()), list(m[2].parameters()), list(m[4].parameters())]  # noqa: E731
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), splitter=groups, cbs=[_Record()])
+    learn.create_opt()
+    return learn
+
+
+def one_cycle() -> dict[str, Any]:
+    cases = []
+    configs = [  # name, items, bs, epochs, lr, kwargs
+        ("defaults", 64, 8, 3, 1e-3, {}),
+        ("slice_lo_hi", 40, 8, 2, (1e-5, 1e-3), {"pct_start": 0.3, "div": 5.0}),
+        ("slice_hi", 48, 16, 4, (2e-3,), {"pct_start": 0.99}),
+        ("odd_steps", 70, 8, 5, 3e-2, {"div": 10.0, "div_final": 1e4, "pct_start": 0.1}),
+        ("moms", 24, 8, 2, 1e-2, {"moms": (0.9, 0.8, 0.95)}),
+    ]
+    for name, n, bs, epochs, lr, kwargs in configs:
+        learn = _learner(n, bs)
+        lr_arg = slice(*lr) if isinstance(lr, tuple) else lr
+        learn.fit_one_cycle(epochs, lr_arg, **kwargs)
+        rec = learn.cbs.filter(lambda c: isinstance(c, _Record))[0]
+        cases.append(
+            {
+                "name": name,
+                "steps_per_epoch": len(learn.dls.train),
+                "epochs": epochs,
+                "lr": list(lr) if isinstance(lr, tuple) else lr,
+                "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+                "n_groups": 3,
+                "lrs": rec.fits[-1]["lrs"],
+                "moms": rec.fits[-1]["moms"],
+            }
+        )
+    learn = _learner(40, 8)
+    learn.fine_tune(2, base_lr=2e-3)  # freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5
+    rec = learn.cbs.filter(lambda c: isinstance(c, _Record))[0]
+    steps = len(learn.dls.train)
+    frozen, unfrozen = rec.fits
+    fine_tune = {"steps_per_epoch": steps, "n_groups": 3, "frozen": frozen, "unfrozen": unfrozen}
+    return {"cases": cases, "fine_tune": fine_tune}
+
+
+def lr_find() -> dict[str, Any]:
+    sweeps = []
+    for seed in (0, 1, 2):
+        learn = _learner(256, 8, seed)
+        res = learn.lr_find(
+            num_it=100, show_plot=False, suggest_funcs=(valley, slide, minimum, steep)
+        )
+        rec = learn.recorder
+        sweeps.append(
+            {
+                "seed": seed,
+                "num_it": 100,
+                "lrs": [float(v) for v in rec.lrs],
+                "losses": [float(v) for v in rec.losses],
+                "valley": float(res.valley),
+                "slide": float(res.slide),
+                "minimum": float(res.minimum),
+                "steep": float(res.steep),
+            }
+        )
+    return {"sweeps": sweeps}
+
+
+def losses() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(8, 5, generator=g) * 3
+    targets = torch.randint(0, 5, (8,), generator=g)
+    smoothing = {
+        str(eps): float(LabelSmoothingCrossEntropy(eps=eps)(logits, targets))
+        for eps in (0.0, 0.1, 0.3)
+    }
+    shuffle = torch.randperm(8, generator=g)
+    lam = torch.rand(8, generator=g).clamp(0.5, 1.0)  # MixUp keeps max(lam, 1 - lam)
+    mixed = {}
+    for name, loss_func in (
+        ("ce", CrossEntropyLossFlat()),
+        ("ls", LabelSmoothingCrossEntropy(eps=0.1)),
+    ):
+        mix = MixUp(0.4)
+        mix.old_lf, mix.lam, mix.yb1 = loss_func, lam, (targets[shuffle],)
+        mix.learn = type("L", (), {"training": True})()  # lf reads self.training
+        mixed[name] = float(mix.lf(logits, targets))
+    return {
+        "logits": logits.tolist(),
+        "targets": targets.tolist(),
+        "label_smoothing": smoothing,
+        "mixup": {"shuffle": shuffle.tolist(), "lam": lam.tolist(), "loss": mixed},
+    }
+
+
+def tta() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(3)
+    n, items, classes = 4, 6, 3
+    aug = torch.softmax(torch.randn(n, items, classes, generator=g), -1)
+    plain = torch.softmax(torch.randn(items, classes, generator=g), -1)
+    targets = torch.randint(0, classes, (items,), generator=g)
+    dsets = Datasets(list(range(items)), [[float], [lambda i: int(targets[i])]])
+    dls = dsets.dataloaders(bs=items, num_workers=0, device="cpu")
+    learn = Learner(dls, nn.Linear(1, classes), loss_func=CrossEntropyLossFlat())
+    out = []
+    for beta, use_max in ((0.25, False), (0.0, False), (0.6, False), (0.25, True)):
+        calls = iter([*(a for a in aug), plain])
+        learn.get_preds = lambda *a, calls=calls, **k: (next(calls), targets)
+        preds, _ = learn.tta(dl=dls.valid, n=n, beta=beta, use_max=use_max)
+        out.append({"beta": beta, "use_max": use_max, "preds": preds.tolist()})
+    return {"aug": aug.tolist(), "plain": plain.tolist(), "blends": out}
+
+
+def interpret() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(11)
+    items, classes = 30, 4
+    probs = torch.softmax(torch.randn(items, classes, generator=g) * 2, -1)
+    targets = torch.randint(0, classes, (items,), generator=g)
+    names = [f"c{i}" for i in range(classes)]
+    losses = nn.functional.cross_entropy(probs.log(), targets, reduction="none")
+
+    class _Learn:  # what ClassificationInterpretation asks a learner for: the predictions
+        def get_preds(self, **kwargs):
+            return probs, targets, probs.argmax(1)
+
+    dl = type("DL", (), {"vocab": [names]})()  # a list of vocabs: the last is the labels
+    interp = ClassificationInterpretation(_Learn(), dl, losses)
+    top_values, top_idx = interp.top_losses(k=8)
+    return {
+        "probs": probs.tolist(),
+        "targets": targets.tolist(),
+        "classes": names,
+        "confusion_matrix": interp.confusion_matrix().tolist(),
+        "most_confused": [[a, b, int(n)] for a, b, n in interp.most_confused(min_val=1)],
+        "top_losses": {"values": top_values.tolist(), "indices": top_idx.tolist()},
+    }
+
+
+def head() -> dict[str, Any]:
+    heads = []
+    for nf in (512, 1280, 2048):
+        for concat_pool in (True, False):
+            h = create_head(nf, 5, lin_ftrs=[512], ps=0.5, concat_pool=concat_pool)
+            layers = [
+                {
+                    "type": type(m).__name__,
+                    "shape": [list(p.shape) for p in m.parameters(recurse=False)],
+                }
+                | ({"p": m.p} if isinstance(m, nn.Dropout) else {})
+                for m in h.modules()
+                if not list(m.children())
+            ]
+            heads.append(
+                {
+                    "nf": nf,
+                    "concat_pool": concat_pool,
+                    "layers": layers,
+                    "n_params": sum(p.numel() for p in h.parameters()),
+                }
+            )
+    return {"heads": heads}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for name, build in (
+        ("one_cycle", one_cycle),
+        ("lr_find", lr_find),
+        ("losses", losses),
+        ("tta", tta),
+        ("interpret", interpret),
+        ("head", head),
+    ):
+        _write(name, build())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Ours against values fastai 2.8.12 itself computed (``tests/golden/*.json``, written by
+``benchmarks/fastai_golden.py`` in the benchmark environment): no formula is re-derived here and
+no fastai is needed at test time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cassava_pipeline.vision.interpret import confusion_matrix, most_confused, top_losses
+from cassava_pipeline.vision.learner import _loss, mixup_loss
+from cassava_pipeline.vision.models import create_head
+from cassava_pipeline.vision.schedule import (
+    LrFindOptions,
+    OneCycle,
+    OneCycleScheduler,
+    discriminative_lrs,
+    lr_at,
+    suggest,
+)
+from cassava_pipeline.vision.tta import blend
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+REL = 1e-6
+
+
+def golden(name: str) -> dict:
+    doc = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert doc["generated_by"] == "benchmarks/fastai_golden.py" and doc["fastai"] == "2.8.12"
+    return doc
+
+
+def _our_cycle(lr, n_groups: int, total: int, **kwargs) -> tuple[list[list[float]], list[float]]:
+    """Each group's lr and beta1 at every step, as our training loop applies them."""
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(n_groups)]
+    base = discriminative_lrs(lr, n_groups)
+    opt = torch.optim.AdamW([{"params": [p], "lr": b} for p, b in zip(params, base, strict=True)])
+    moms = tuple(kwargs.pop("moms", (0.95, 0.85, 0.95)))
+    sched = OneCycleScheduler(opt, total, OneCycle(moms=moms, **kwargs))
+    lrs, betas = [], []
+    for _ in range(total):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        betas.append(opt.param_groups[-1]["betas"][0])
+        opt.step()
+        sched.step()
+    return lrs, betas
+
+
+@pytest.mark.parametrize("case", golden("one_cycle")["cases"], ids=lambda c: c["name"])
+def test_one_cycle_matches_fastai_at_every_step(case):
+    total = case["epochs"] * case["steps_per_epoch"]
+    lr = case["lr"] if isinstance(case["lr"], float) else list(case["lr"])
+    lrs, moms = _our_cycle(lr, case["n_groups"], total, **case["kwargs"])
+    assert len(case["lrs"]) == total
+    assert np.allclose(lrs, case["lrs"], rtol=REL, atol=0)
+    assert np.allclose(moms, case["moms"], rtol=REL, atol=0)
+
+
+def test_fine_tune_schedules_match_fastai():
+    """fastai's ``fine_tune(2, base_lr=2e-3)``: one frozen cycle at ``slice(2e-3)`` with
+    pct_start 0.99, then two unfrozen epochs at ``slice(1e-3/100, 1e-3)``, pct 0.3, div 5."""
+    ft = golden("one_cycle")["fine_tune"]
+    steps, n = ft["steps_per_epoch"], ft["n_groups"]
+    lrs, moms = _our_cycle([2e-3], n, steps, pct_start=0.99)
+    assert np.allclose(lrs, ft["frozen"]["lrs"], rtol=REL, atol=0)
+    assert np.allclose(moms, ft["frozen"]["moms"], rtol=REL, atol=0)
+    lrs, moms = _our_cycle([1e-5, 1e-3], n, 2 * steps, pct_start=0.3, div=5.0)
+    assert np.allclose(lrs, ft["unfrozen"]["lrs"], rtol=REL, atol=0)
+    assert np.allclose(moms, ft["unfrozen"]["moms"], rtol=REL, atol=0)
+
+
+@pytest.mark.parametrize("sweep", golden("lr_find")["sweeps"], ids=lambda s: f"seed{s['seed']}")
+def test_lr_find_sweep_and_suggestions_match_fastai(sweep):
+    options = LrFindOptions(num_it=sweep["num_it"])
+    ours = [lr_at(i, options) for i in range(len(sweep["lrs"]))]
+    assert np.allclose(ours, sweep["lrs"], rtol=REL, atol=0)  # the exponential ramp
+    for method in ("valley", "slide", "minimum", "steep"):
+        got = suggest(sweep["lrs"], sweep["losses"], sweep["num_it"], method)
+        assert got == pytest.approx(sweep[method], rel=REL), method
+
+
+def test_label_smoothing_and_mixup_losses_match_fastai():
+    g = golden("losses")
+    logits, targets = torch.tensor(g["logits"]), torch.tensor(g["targets"])
+    for eps, expected in g["label_smoothing"].items():
+        assert float(_loss(logits, targets, float(eps))) == pytest.approx(expected, rel=REL)
+    mix = g["mixup"]
+    shuffled = targets[torch.tensor(mix["shuffle"])]
+    lam = torch.tensor(mix["lam"])
+    for name, eps in (("ce", 0.0), ("ls", 0.1)):
+        ours = float(mixup_loss(logits, targets, shuffled, lam, eps))
+        assert ours == pytest.approx(mix["loss"][name], rel=REL), name
+
+
+def test_tta_blend_matches_fastai():
+    g = golden("tta")
+    aug, plain = torch.tensor(g["aug"]), torch.tensor(g["plain"])
+    for case in g["blends"]:
+        ours = blend(aug, plain, beta=case["beta"], use_max=case["use_max"])
+        assert np.allclose(ours.numpy(), case["preds"], rtol=REL, atol=1e-7), case
+
+
+def test_interpretation_matches_fastai():
+    g = golden("interpret")
+    probs, targets = np.asarray(g["probs"]), np.asarray(g["targets"])
+    assert confusion_matrix(probs, targets, len(g["classes"])).tolist() == g["confusion_matrix"]
+    ours = [list(c) for c in most_confused(probs, targets, g["classes"], min_val=1)]
+    assert sorted(ours, key=lambda c: -c[2]) == ours
+    # fastai sorts by count only (ties in np.where order, row-major): the same as ours
+    assert ours == g["most_confused"]
+    top = top_losses(probs, targets, k=8)
+    assert [t["index"] for t in top] == g["top_losses"]["indices"]
+    assert np.allclose([t["loss"] for t in top], g["top_losses"]["values"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case", golden("head")["heads"], ids=lambda h: f"{h['nf']}-{h['concat_pool']}"
+)
+def test_create_head_matches_fastai(case):
+    head = create_head(case["nf"], 5, hidden=512, ps=0.5, concat_pool=case["concat_pool"])
+    leaves = [m for m in head.modules() if not list(m.children())]
+    ours = [
+        {"type": type(m).__name__, "shape": [list(p.shape) for p in m.parameters(recurse=False)]}
+        | ({"p": m.p} if isinstance(m, nn.Dropout) else {})
+        for m in leaves
+    ]
+    assert ours == case["layers"]
+    assert sum(p.numel() for p in head.parameters()) == case["n_params"]
