@@ -186,7 +186,8 @@ def tta() -> dict[str, Any]:
     aug = torch.softmax(torch.randn(n, items, classes, generator=g), -1)
     plain = torch.softmax(torch.randn(items, classes, generator=g), -1)
     targets = torch.randint(0, classes, (items,), generator=g)
-    dsets = Datasets(list(range(items)), [[float], [lambda i: int(targets[i])]])
+    as_float = lambda i: float(i)  # noqa: E731, PLW0108 - fasttransform refuses the type itself
+    dsets = Datasets(list(range(items)), [[as_float], [lambda i: int(targets[i])]])
     dls = dsets.dataloaders(bs=items, num_workers=0, device="cpu")
     learn = Learner(dls, nn.Linear(1, classes), loss_func=CrossEntropyLossFlat())
     out = []
