@@ -83,5 +83,11 @@ def test_lighting_only_changes_intensity_not_geometry():
     per_image = out.flatten(1)
     assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image))  # still flat images
     assert per_image[:, 0].std() > 0.01  # but of different brightness
-    lo, hi = 0.5 * 0.8, 0.5 * 1.2  # contrast then brightness stay within fastai's ranges
-    assert ((per_image[:, 0] > 0.25) & (per_image[:, 0] < 0.75)).all() and lo < hi
+    # fastai's lighting with max_lighting 0.2, in logit space: brightness adds the logit of a
+    # value drawn in (0.4, 0.6) to the pixel's (128/255), then contrast scales the sum by a
+    # factor in [0.8, 1.25]: every image ends between these two bounds.
+    assert opts.max_lighting == 0.2
+    grey = torch.logit(torch.tensor(128 / 255))
+    lo = torch.sigmoid((grey + torch.logit(torch.tensor(0.4))) * 1.25)
+    hi = torch.sigmoid((grey + torch.logit(torch.tensor(0.6))) * 1.25)
+    assert ((per_image[:, 0] >= lo - 1e-6) & (per_image[:, 0] <= hi + 1e-6)).all()

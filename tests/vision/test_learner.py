@@ -136,13 +136,25 @@ def test_frozen_stage_leaves_the_body_convolutions_alone(shards):
     assert not torch.equal(result.state_dict["1.8.weight"], start["model"]["1.8.weight"])  # head
 
 
-def test_lr_find_sweeps_and_suggests(shards):
+def test_lr_find_sweeps_suggests_and_leaves_the_weights_as_they_were(shards):
+    from cassava_pipeline.vision.learner import Trainer
+    from cassava_pipeline.vision.run import make_fabric, model_from_checkpoint
+    from cassava_pipeline.vision.schedule import suggest_valley
+
     start = initial_checkpoint()
-    result = lr_find_in_fabric(start, shards, stage(), LrFindOptions(num_it=30), CPU)
-    assert 1e-7 <= result["suggestion"] <= 10
+    model, stats = model_from_checkpoint(start)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(make_fabric(CPU), model, stats, progress=False)
+    train, _ = shards.split()
+    result = trainer.lr_find(train, stage(), LrFindOptions(num_it=30))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
     assert len(result["lrs"]) == len(result["losses"]) <= 30
     assert result["lrs"][0] == pytest.approx(1e-7)
-    assert result["lrs"] == sorted(result["lrs"])  # an exponential ramp
+    assert result["suggestion"] == suggest_valley(result["lrs"], result["losses"], 30)
+    # through Fabric as the node runs it: the same sweep, to the bit
+    again = lr_find_in_fabric(start, shards, stage(), LrFindOptions(num_it=30), CPU)
+    assert again["losses"] == result["losses"] and again["suggestion"] == result["suggestion"]
 
 
 def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog, monkeypatch):
