@@ -18,7 +18,11 @@ time. What is recorded:
 - ``tta``: ``Learner.tta``'s blend (mean and max, several beta) of fixed predictions;
 - ``interpret``: ``ClassificationInterpretation``'s confusion matrix, ``most_confused`` and
   ``top_losses`` on fixed predictions;
-- ``head``: ``create_head``'s layers and parameter count for several feature sizes.
+- ``head``: ``create_head``'s layers and parameter count for several feature sizes;
+- ``freeze``: for ``vision_learner`` models (torchvision resnet18/34/50, timm's
+  tf_efficientnet_lite0, convnext_atto with LayerNorm, resnet50_gn with GroupNorm; no weights
+  downloaded), every parameter's shape, whether it trains after ``freeze()`` and whether it
+  gets weight decay, and the number of parameter groups.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fastai.callback.mixup import MixUp
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
+from fastai.torch_core import norm_bias_params
 from fastai.vision.all import (
     Callback,
     DataLoaders,
@@ -44,7 +49,9 @@ from fastai.vision.all import (
     steep,
     valley,
 )
+from fastai.vision.learner import vision_learner
 from torch import nn
+from torchvision import models
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).resolve().parents[1] / "tests" / "golden"
@@ -249,6 +256,38 @@ def head() -> dict[str, Any]:
     return {"heads": heads}
 
 
+def freeze() -> dict[str, Any]:
+    x = torch.zeros(4, 3, 32, 32)
+    items = [(x[i], i % 2) for i in range(4)]
+    dls = DataLoaders.from_dsets(items, items, bs=2, num_workers=0, device="cpu")
+    archs = {
+        "resnet18": models.resnet18,
+        "resnet34": models.resnet34,
+        "resnet50": models.resnet50,
+        "tf_efficientnet_lite0": "tf_efficientnet_lite0",
+        "convnext_atto": "convnext_atto",
+        "resnet50_gn": "resnet50_gn",
+    }
+    out = []
+    for name, arch in archs.items():
+        learn = vision_learner(
+            dls, arch, n_out=5, pretrained=False, loss_func=CrossEntropyLossFlat()
+        )
+        learn.freeze()
+        no_wd = {id(p) for p in norm_bias_params(learn.model, True)}
+        out.append(
+            {
+                "arch": name,
+                "n_groups": len(learn.opt.param_groups),
+                "params": [
+                    [list(p.shape), bool(p.requires_grad), id(p) not in no_wd]
+                    for p in learn.model.parameters()
+                ],
+            }
+        )
+    return {"models": out}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for name, build in (
@@ -258,6 +297,7 @@ def main() -> None:
         ("tta", tta),
         ("interpret", interpret),
         ("head", head),
+        ("freeze", freeze),
     ):
         _write(name, build())
 

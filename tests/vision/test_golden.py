@@ -14,7 +14,13 @@ from torch import nn
 
 from cassava_pipeline.vision.interpret import confusion_matrix, most_confused, top_losses
 from cassava_pipeline.vision.learner import _loss, mixup_loss
-from cassava_pipeline.vision.models import create_head
+from cassava_pipeline.vision.models import (
+    create_head,
+    create_model,
+    freeze,
+    no_decay_params,
+    param_groups,
+)
 from cassava_pipeline.vision.schedule import (
     LrFindOptions,
     OneCycle,
@@ -131,3 +137,18 @@ def test_create_head_matches_fastai(case):
     ]
     assert ours == case["layers"]
     assert sum(p.numel() for p in head.parameters()) == case["n_params"]
+
+
+@pytest.mark.parametrize("case", golden("freeze")["models"], ids=lambda m: m["arch"])
+def test_freeze_trains_and_decays_what_fastai_does(case):
+    """After ``freeze()``: the head and the norm layers fastai counts as such (BatchNorm,
+    InstanceNorm, LayerNorm, not GroupNorm) train; norm parameters and biases get no weight
+    decay; ResNets in three parameter groups, other bodies in two."""
+    model, _ = create_model(case["arch"], 5, "none")
+    freeze(model)
+    no_wd = no_decay_params(model)
+    ours = [[list(p.shape), p.requires_grad, id(p) not in no_wd] for p in model.parameters()]
+    assert len(param_groups(model)) == case["n_groups"]
+    assert len(ours) == len(case["params"])
+    mismatched = [i for i, (a, b) in enumerate(zip(ours, case["params"], strict=True)) if a != b]
+    assert mismatched == [], [(ours[i], case["params"][i]) for i in mismatched[:5]]

@@ -196,12 +196,28 @@ def param_groups(model: nn.Sequential) -> list[list[nn.Parameter]]:
     return [list(g.parameters()) for g in groups]
 
 
+# fastai's ``norm_types``: these train while the body is frozen (``train_bn``) and get no weight
+# decay. LayerNorm (ConvNeXt, ViT from timm) is one; GroupNorm is not. SyncBatchNorm (what
+# BatchNorm becomes under synchronised DDP) is added: it is BatchNorm.
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+)
+
+
 def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+    return isinstance(m, NORM_TYPES)
 
 
 def freeze_to(model: nn.Sequential, n: int, *, train_bn: bool = True) -> None:
-    """fastai's ``freeze_to``: groups before ``n`` frozen, except BatchNorm when ``train_bn``."""
+    """fastai's ``freeze_to``: groups before ``n`` frozen, except norm layers (``NORM_TYPES``)
+    when ``train_bn``."""
     groups = param_groups(model)
     n = n if n >= 0 else len(groups) + n
     bn_params = {id(p) for m in model.modules() if _is_bn(m) for p in m.parameters(recurse=False)}
@@ -211,7 +227,7 @@ def freeze_to(model: nn.Sequential, n: int, *, train_bn: bool = True) -> None:
 
 
 def freeze(model: nn.Sequential, *, train_bn: bool = True) -> None:
-    """Train the head only (and BatchNorm layers), as fastai's ``freeze``."""
+    """Train the head only (and the norm layers), as fastai's ``freeze``."""
     freeze_to(model, -1, train_bn=train_bn)
 
 
@@ -221,7 +237,8 @@ def unfreeze(model: nn.Sequential) -> None:
 
 
 def no_decay_params(model: nn.Module) -> set[int]:
-    """ids of BatchNorm parameters and biases: fastai applies no weight decay to them."""
+    """ids of norm-layer parameters (``NORM_TYPES``) and biases: fastai applies no weight decay
+    to them."""
     ids = {id(p) for m in model.modules() if _is_bn(m) for p in m.parameters(recurse=False)}
     ids |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     return ids
