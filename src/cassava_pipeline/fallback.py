@@ -426,10 +426,17 @@ def _credentials(env: str, conf_source: Path) -> Iterator[str | None]:
     values: dict[str, str] = {}
     if key:
         values = {k: str(v) for k, v in (loader["credentials"].get(key) or {}).items()}
+    with environ(values):
+        yield server.get("mlflow_tracking_uri")
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` while the ``with`` block runs, then as they were."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
-        yield server.get("mlflow_tracking_uri")
+        yield
     finally:
         for k, v in saved.items():
             if v is None:

@@ -34,7 +34,12 @@ from mlflow.entities import Metric
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
-from cassava_pipeline.fallback import LOCAL_TRACKING_URI, active_failover, server_answers
+from cassava_pipeline.fallback import (
+    LOCAL_TRACKING_URI,
+    active_failover,
+    environ,
+    server_answers,
+)
 from cassava_pipeline.vision.predict import Classifier
 
 logger = logging.getLogger(__name__)
@@ -153,19 +158,9 @@ class EpochLogger:
         return len(rows)
 
 
-@contextlib.contextmanager
 def _few_retries():
     """MLflow retries an unreachable server for minutes; an epoch must not wait that long."""
-    saved = {k: os.environ.get(k) for k in _RETRY_ENV}
-    os.environ.update(_RETRY_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environ(_RETRY_ENV)
 
 
 _RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
