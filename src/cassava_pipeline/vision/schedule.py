@@ -28,9 +28,11 @@ def combined_cos(pct: float, start: float, middle: float, end: float, pos: float
     As fastai's ``combine_scheds``, the phase boundaries are a float32 tensor, so the position
     within a phase is computed in float32 (a few 1e-6 of the rate late in a cycle).
     """
-    bounds = torch.cumsum(torch.tensor([0.0, pct, 1 - pct]), 0)
-    idx = min(int((pos >= bounds).nonzero().max()), 1)
-    within = float((pos - bounds[idx]) / (bounds[idx + 1] - bounds[idx]))
+    f32 = np.float32  # the same IEEE float32 arithmetic as fastai's tensor, at 1/30 the cost
+    bounds = (f32(0.0), f32(pct), f32(f32(pct) + f32(1 - pct)))  # torch.cumsum in float32
+    at = f32(pos)
+    idx = 1 if at >= bounds[1] else 0
+    within = float((at - bounds[idx]) / (bounds[idx + 1] - bounds[idx]))
     return sched_cos(*((start, middle) if idx == 0 else (middle, end)), within)
 
 
