@@ -19,6 +19,9 @@ time. What is recorded:
 - ``interpret``: ``ClassificationInterpretation``'s confusion matrix, ``most_confused`` and
   ``top_losses`` on fixed predictions;
 - ``head``: ``create_head``'s layers and parameter count for several feature sizes;
+- ``affine``: the matrix ``aug_transforms``' Flip, Rotate and Zoom compose (one AffineCoordTfm,
+  as ``setup_aug_tfms`` merges them) for fixed draws of each (their ``draw`` arguments, p=1;
+  neutral values stand for the masked-out items);
 - ``freeze``: for ``vision_learner`` models (torchvision resnet18/34/50, timm's
   tf_efficientnet_lite0, convnext_atto with LayerNorm, resnet50_gn with GroupNorm; no weights
   downloaded), every parameter's shape, whether it trains after ``freeze()`` and whether it
@@ -49,6 +52,8 @@ from fastai.vision.all import (
     steep,
     valley,
 )
+from fastai.vision.augment import Flip, Rotate, Zoom, setup_aug_tfms
+from fastai.vision.core import TensorImage
 from fastai.vision.learner import vision_learner
 from torch import nn
 from torchvision import models
@@ -288,6 +293,31 @@ def freeze() -> dict[str, Any]:
     return {"models": out}
 
 
+def affine() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(5)
+    n = 8
+    flip = (torch.rand(n, generator=g) < 0.5).float()
+    deg = (torch.rand(n, generator=g) * 20 - 10) * (torch.rand(n, generator=g) < 0.75)
+    scale = 1 + 0.1 * torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.75)
+    col, row = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    tfm = setup_aug_tfms(
+        [
+            Flip(p=1.0, draw=flip),
+            Rotate(max_deg=10, p=1.0, draw=deg),
+            Zoom(min_zoom=1.0, max_zoom=1.1, p=1.0, draw=scale, draw_x=col, draw_y=row),
+        ]
+    )[0]
+    tfm.before_call(TensorImage(torch.rand(n, 3, 8, 8, generator=g)), split_idx=0)
+    return {
+        "flip": flip.tolist(),
+        "deg": deg.tolist(),
+        "scale": scale.tolist(),
+        "col": col.tolist(),
+        "row": row.tolist(),
+        "matrices": torch.as_tensor(tfm.mat).tolist(),
+    }
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for name, build in (
@@ -298,6 +328,7 @@ def main() -> None:
         ("interpret", interpret),
         ("head", head),
         ("freeze", freeze),
+        ("affine", affine),
     ):
         _write(name, build())
 

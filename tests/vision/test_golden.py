@@ -152,3 +152,31 @@ def test_freeze_trains_and_decays_what_fastai_does(case):
     assert len(ours) == len(case["params"])
     mismatched = [i for i, (a, b) in enumerate(zip(ours, case["params"], strict=True)) if a != b]
     assert mismatched == [], [(ours[i], case["params"][i]) for i in mismatched[:5]]
+
+
+def test_affine_matrix_matches_fastais_flip_rotate_zoom(monkeypatch):
+    """Our per-sample matrix (flip @ rotate @ zoom, no crop) for the draws fastai was given:
+    each of our random draws is replaced, in the order ours makes them, by fastai's value."""
+    from cassava_pipeline.vision import augment
+
+    g = golden("affine")
+    flip, deg, scale = (torch.tensor(g[k]) for k in ("flip", "deg", "scale"))
+    col, row = torch.tensor(g["col"]), torch.tensor(g["row"])
+    uniforms = [(deg, -10.0, 10.0), (scale, 1.0, 1.1), (col, 0.0, 1.0), (row, 0.0, 1.0)]
+    keeps = [flip.bool(), torch.ones(len(flip), dtype=torch.bool)]  # flip, then none masked
+
+    def fake_uniform(n, lo, hi, gen, device):
+        values, want_lo, want_hi = uniforms.pop(0)
+        assert (lo, hi) == (want_lo, want_hi) and len(values) == n  # the draw ours makes here
+        return values
+
+    def fake_mask(values, p, neutral, gen, device):
+        keep = keeps.pop(0) if len(keeps) > 1 else keeps[0]
+        return torch.where(keep, values, torch.full_like(values, neutral))
+
+    monkeypatch.setattr(augment, "_uniform", fake_uniform)
+    monkeypatch.setattr(augment, "_mask", fake_mask)
+    opts = augment.AugmentOptions(size=8, min_scale=1.0, max_warp=0.0)
+    ours = augment.affine_matrices(len(flip), opts, None, "cpu")
+    assert uniforms == []  # every draw was used, in this order
+    assert np.allclose(ours[:, :2, :].numpy(), g["matrices"], rtol=0, atol=1e-6)
