@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +92,19 @@ def test_lighting_only_changes_intensity_not_geometry():
     lo = torch.sigmoid((grey + torch.logit(torch.tensor(0.4))) * 1.25)
     hi = torch.sigmoid((grey + torch.logit(torch.tensor(0.6))) * 1.25)
     assert ((per_image[:, 0] >= lo - 1e-6) & (per_image[:, 0] <= hi + 1e-6)).all()
+
+
+def test_random_resized_crop_is_drawn_per_batch_as_fastai_or_per_image():
+    """fastai's RandomResizedCropGPU draws one crop for the whole batch (the default here);
+    ``crop: sample`` draws one per image."""
+    from cassava_pipeline.vision.augment import affine_matrices
+
+    still = dict(do_flip=False, max_rotate=0.0, max_zoom=1.0, max_warp=0.0, min_scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = affine_matrices(6, AugmentOptions(size=8, **still), g, "cpu")
+    assert torch.equal(batch, batch[:1].expand_as(batch))  # one crop for every image
+    assert not torch.equal(batch[0], torch.eye(3))  # and a real one
+    per_image = affine_matrices(6, AugmentOptions(size=8, crop="sample", **still), g, "cpu")
+    assert len({tuple(m.flatten().tolist()) for m in per_image}) == 6
+    with pytest.raises(ValueError, match=r"augment\.crop"):
+        affine_matrices(2, AugmentOptions(size=8, crop="image", **still), g, "cpu")

@@ -46,8 +46,9 @@ def test_training_learns_and_keeps_the_best_epoch(learnable):
     result = train_in_fabric(initial_checkpoint(), learnable, stage(epochs=4), CPU)
     hist = pd.DataFrame(result.history)
     assert tuple(hist.columns) == HISTORY_COLUMNS
-    # Chance is 1/3. Checked over 8 seeds (model and stage): the best epoch scored 30/30 in
-    # every one, so 27/30 leaves 3 images of margin for float differences between CPUs.
+    # Chance is 1/3. Checked over 6 seeds (model and stage) with fastai's per-batch crops: the
+    # best epoch scored 30/30 in five and 29/30 in one, so 27/30 leaves 2 images of margin for
+    # float differences between CPUs.
     assert hist["accuracy"].max() >= 0.9
     assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
     assert result.best_epoch == int(hist["accuracy"].idxmax())

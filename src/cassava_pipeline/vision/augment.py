@@ -11,7 +11,9 @@ Each sample draws its own parameters (fastai's ``batch=False``), with fastai's d
 - warp: with ``p_affine``, x and y magnitudes uniform in [-max_warp, max_warp] (perspective);
 - rotate: with ``p_affine``, uniform in [-max_rotate, max_rotate] degrees;
 - zoom: with ``p_affine``, scale uniform in [min_zoom, max_zoom] about a uniform centre;
-- random resized crop: square, area fraction uniform in [min_scale, 1], uniform position;
+- random resized crop: square, area fraction uniform in [min_scale, 1], uniform position; one
+  crop for the whole batch by default, as fastai's ``RandomResizedCropGPU`` draws it
+  (``crop: sample`` draws one per image instead);
 - brightness: with ``p_lighting``, uniform in 0.5 * (1 -/+ max_lighting), added in logit space;
 - contrast: with ``p_lighting``, log-uniform in [1 - max_lighting, 1 / (1 - max_lighting)],
   multiplying the logits.
@@ -36,6 +38,7 @@ class AugmentOptions:
 
     size: int = 224  # output side (square)
     min_scale: float = 1.0  # fastai's default; the seeds use 0.75 (set in the parameters)
+    crop: str = "batch"  # fastai's RandomResizedCropGPU: one crop per batch; "sample": per image
     do_flip: bool = True
     max_rotate: float = 10.0  # degrees
     min_zoom: float = 1.0
@@ -99,10 +102,15 @@ def affine_matrices(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
         row = _uniform(n, 0, 1, g, device)
         mats = mats @ _affine(s, zeros, (1 - s) * (2 * col - 1), zeros, s, (1 - s) * (2 * row - 1))
     if opts.min_scale < 1:
-        # Square random resized crop: side fraction sqrt(area), uniform top-left corner.
-        side = _uniform(n, opts.min_scale, 1.0, g, device).sqrt()
-        cx = (1 - side) * (2 * _uniform(n, 0, 1, g, device) - 1)
-        cy = (1 - side) * (2 * _uniform(n, 0, 1, g, device) - 1)
+        if opts.crop not in ("batch", "sample"):
+            raise ValueError(f"augment.crop is {opts.crop!r}: use batch (fastai's) or sample")
+        # Square random resized crop: side fraction sqrt(area), uniform top-left corner; drawn
+        # once for the batch (fastai's RandomResizedCropGPU) or once per image.
+        k = 1 if opts.crop == "batch" else n
+        side = _uniform(k, opts.min_scale, 1.0, g, device).sqrt()
+        cx = (1 - side) * (2 * _uniform(k, 0, 1, g, device) - 1)
+        cy = (1 - side) * (2 * _uniform(k, 0, 1, g, device) - 1)
+        side, cx, cy = side.expand(n), cx.expand(n), cy.expand(n)
         mats = mats @ _affine(side, zeros, cx, zeros, side, cy)
     return mats
 
