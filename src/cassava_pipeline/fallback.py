@@ -265,6 +265,16 @@ def guarded(fn: Callable[[], Any], where: str) -> Any:
     return fn() if failover is None else failover.call(fn, where)
 
 
+def set_tags(tags: dict[str, str]) -> None:
+    """``mlflow.set_tags`` through the armed failover (which also keeps them for the local run
+    a later switch starts), or plainly if none is."""
+    failover = active_failover()
+    if failover is None:
+        mlflow.set_tags(tags)
+    else:
+        failover.set_tags(tags)
+
+
 def _reason(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:160]}"

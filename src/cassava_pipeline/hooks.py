@@ -43,6 +43,7 @@ from cassava_pipeline.fallback import (
     is_remote,
     pending,
     server_answers,
+    set_tags,
 )
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
@@ -157,10 +158,7 @@ def _tag_failure(line: str | None) -> None:
     if not line or active_run_id() is None:
         return
     with contextlib.suppress(Exception):  # tracking never hides the failure itself
-        guarded(
-            lambda: mlflow.set_tags({"failed_rank": line.split()[1], "failure": line[:5000]}),
-            "recording the failure",
-        )
+        set_tags({"failed_rank": line.split()[1], "failure": line[:5000]})
 
 
 class RunLockHooks:
@@ -257,10 +255,7 @@ class TrackingHooks:
             tags[FALLBACK_WHERE] = "start"
         self._catalog, self._tracked = catalog, {}
         self._failover = Failover.for_active_run()  # None unless the store is a server
-        if self._failover is not None:
-            self._failover.set_tags(tags)
-        else:
-            mlflow.set_tags(tags)
+        set_tags(tags)
         self._install_signal_handlers()
         mark_dead_runs_killed(tags["host"])
 
@@ -293,11 +288,7 @@ class TrackingHooks:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         if dataset_name in _MANIFESTS and isinstance(data, pd.DataFrame) and active_run_id():
-            tag = {"data_hash": frame_hash(data)}
-            if self._failover is not None:
-                self._failover.set_tags(tag)
-            else:
-                mlflow.set_tags(tag)
+            set_tags({"data_hash": frame_hash(data)})
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
