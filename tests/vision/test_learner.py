@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from cassava_pipeline.vision import provenance
-from cassava_pipeline.vision.learner import HISTORY_COLUMNS, RuntimeConfig
+from cassava_pipeline.vision.learner import (
+    HISTORY_COLUMNS,
+    RuntimeConfig,
+    _cpu,
+    carried_state,
+    load_optimizer_state,
+)
 from cassava_pipeline.vision.run import lr_find_in_fabric, model_from_checkpoint, train_in_fabric
 from cassava_pipeline.vision.schedule import LrFindOptions
 from tests.images import REPO
@@ -322,3 +328,76 @@ def test_stages_draw_different_random_streams(shards, monkeypatch):
     seen.clear()
     train_in_fabric(initial_checkpoint(), shards, stage(epochs=1, name="unfrozen"), CPU)
     assert torch.equal(first_unfrozen, seen["unfrozen"])
+
+
+def _steps(state: dict) -> set[float]:
+    return {float(s["step"]) for s in state["state"].values()}
+
+
+def test_adamw_state_goes_on_from_the_previous_stage_as_fastais_learner(
+    shards, tmp_path: Path, caplog
+):
+    """fastai keeps one optimizer across ``fit_one_cycle`` calls and clears its state only on
+    freeze/unfreeze: a next stage with the same ``freeze`` goes on from the state (moving
+    averages and step counts); ``optimizer_state: reset``, or another ``freeze``, starts fresh."""
+    first = train_in_fabric(initial_checkpoint(), shards, stage(epochs=1), CPU)
+    assert _steps(first.optimizer_state) == {4.0}  # 27 images, batch 6: 4 steps
+    start = {
+        **initial_checkpoint(),
+        "model": first.state_dict,
+        "optimizer": {"freeze": False, "state": first.optimizer_state},
+    }
+    caplog.set_level("INFO", logger="cassava_pipeline")
+    carried = train_in_fabric(start, shards, stage(epochs=1, name="next"), CPU)
+    assert "next: AdamW goes on from the previous stage's state" in caplog.text
+    assert _steps(carried.optimizer_state) == {8.0}  # the count goes on: 4 + 4
+    caplog.clear()
+    reset = train_in_fabric(
+        start, shards, stage(epochs=1, name="next", optimizer_state="reset"), CPU
+    )
+    assert _steps(reset.optimizer_state) == {4.0}
+    assert "goes on from" not in caplog.text
+    frozen = train_in_fabric(start, shards, stage(epochs=1, name="next", freeze=True), CPU)
+    assert _steps(frozen.optimizer_state) == {4.0}  # fastai's freeze() clears the state
+    # the carried moving averages change the steps: other weights than a fresh AdamW gives
+    differ = [
+        k for k in carried.state_dict if not torch.equal(carried.state_dict[k], reset.state_dict[k])
+    ]
+    assert differ
+    # no state: fresh, as for the first stage
+    fresh = train_in_fabric({**start, "optimizer": None}, shards, stage(epochs=1, name="next"), CPU)
+    assert_same_weights(fresh.state_dict, reset.state_dict)
+
+    # a finished stage kept in a resume folder is not reused when the state it started from
+    # differs: its fingerprint records the carried state's digest
+    train_in_fabric(start, shards, stage(epochs=1, name="next"), CPU, checkpoint_dir=tmp_path)
+    caplog.clear()
+    again = train_in_fabric(
+        {**start, "optimizer": None}, shards, stage(epochs=1, name="next"), CPU,
+        checkpoint_dir=tmp_path,
+    )  # fmt: skip
+    assert "started from another optimizer state" in caplog.text
+    assert_same_weights(again.state_dict, reset.state_dict)
+
+
+def test_carried_adamw_state_is_loaded_exactly_with_this_stages_hyperparameters():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = stage(epochs=1)
+    before = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    model(torch.randn(5, 4)).sum().backward()
+    before.step()
+    saved = _cpu(before.state_dict())
+    after = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    state = carried_state({"freeze": False, "state": saved}, cfg, after)
+    load_optimizer_state(after, state)
+    for p in model.parameters():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(after.state[p][k], before.state[p][k])
+    assert after.param_groups[0]["lr"] == 3e-4 and after.param_groups[0]["weight_decay"] == 0.1
+    # a state for other shapes is not loaded (reported, fresh AdamW)
+    other = torch.optim.AdamW(torch.nn.Linear(4, 5).parameters())
+    assert carried_state({"freeze": False, "state": saved}, cfg, other) is None
+    assert carried_state({"freeze": True, "state": saved}, cfg, after) is None
+    with pytest.raises(ValueError, match="optimizer_state must be one of fastai, reset"):
+        stage(epochs=1, optimizer_state="keep")

@@ -61,6 +61,7 @@ from .shards import ShardedImages
 
 logger = logging.getLogger(__name__)
 
+OPTIMIZER_STATES = ("fastai", "reset")
 CHECKPOINT_VERSION = 2  # 2: fingerprints record every input (provenance)
 # Columns of a stage's per-epoch history, in order.
 HISTORY_COLUMNS = (
@@ -99,6 +100,17 @@ class StageConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 42
     validate_before: bool = False  # one validation pass before the first epoch (fastai: none)
+    # AdamW's state at the start: "fastai" carries the previous stage's (its moving averages and
+    # step count) when the same parameters train, as fastai's Learner keeps one optimizer and
+    # clears its state only on freeze/unfreeze; "reset": a fresh optimizer every stage.
+    optimizer_state: str = "fastai"
+
+    def __post_init__(self) -> None:
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"{self.name}: optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
+                f"not {self.optimizer_state!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class StageResult:
     best_metric: float
     start_metrics: dict[str, float] = field(default_factory=dict)  # before the first epoch
     trained_on: dict[str, str] = field(default_factory=dict)  # the shards' content digests
+    # AdamW's state after the last epoch (on the CPU), for a next stage that carries it
+    optimizer_state: dict[str, Any] | None = None
 
 
 def fine_tune_stages(
@@ -170,6 +184,71 @@ def make_optimizer(model: nn.Module, lrs: list[float], cfg: StageConfig) -> torc
         groups.append({"params": decay, "lr": lr, "weight_decay": cfg.wd})
         groups.append({"params": other, "lr": lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=lrs[-1], betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.wd)
+
+
+def carried_state(
+    carried: dict[str, Any] | None, cfg: StageConfig, opt: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """The previous stage's optimizer state if this stage starts from it, else None.
+
+    Carried with ``optimizer_state: fastai`` when the previous stage trained the same parameters
+    (its ``freeze`` equals this one's: fastai clears the state on freeze/unfreeze) and the state
+    fits this optimizer (the same groups and shapes); a state that does not fit is reported and
+    left.
+    """
+    if cfg.optimizer_state != "fastai" or not carried or carried.get("state") is None:
+        return None
+    if bool(carried.get("freeze")) != cfg.freeze:
+        return None
+    state = carried["state"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    fits = sizes == [len(g["params"]) for g in state.get("param_groups", [])] and all(
+        0 <= int(i) < len(params)
+        and all(
+            t.shape == params[int(i)].shape
+            for k, t in s.items()
+            if k != "step" and isinstance(t, torch.Tensor)
+        )
+        for i, s in state.get("state", {}).items()
+    )
+    if not fits:
+        logger.warning(
+            "%s: the previous stage's optimizer state does not fit this model's parameter "
+            "groups; AdamW starts fresh",
+            cfg.name,
+        )
+        return None
+    return state
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a carried AdamW state (moving averages, step counts) and keep this stage's own
+    hyperparameters (learning rates, weight decay, betas)."""
+    current = opt.state_dict()
+    opt.load_state_dict({"state": state["state"], "param_groups": current["param_groups"]})
+
+
+def optimizer_digest(state: dict[str, Any]) -> str:
+    """A hash of an optimizer state's tensors (by parameter index and name) and group sizes."""
+    flat = {
+        f"{i}.{k}": v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        for i in sorted(state["state"], key=int)
+        for k, v in sorted(state["state"][i].items())
+    }
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    return weights_digest(flat) + ":" + ",".join(map(str, sizes))
+
+
+def _cpu(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor cloned onto the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 def mixup_batch(
@@ -289,6 +368,7 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         stop_after_epochs: int | None = None,
+        carried_optimizer: dict[str, Any] | None = None,
     ) -> StageResult:
         """``fit_one_cycle(cfg.epochs, cfg.lr)`` with the stage's freezing, mixup and options.
 
@@ -298,17 +378,30 @@ class Trainer:
         a finished one is returned as it is (same inputs: the same result). Otherwise one log
         line says which input differs, and the stage trains from the start.
         ``stop_after_epochs`` simulates an interruption (tests).
+
+        ``carried_optimizer`` (``{"freeze": bool, "state": AdamW state_dict}``): the previous
+        stage's optimizer state after its last epoch. With ``cfg.optimizer_state: fastai`` it is
+        the starting state when that stage trained the same parameters (same ``freeze``), as
+        fastai's Learner keeps its optimizer across ``fit_one_cycle`` calls and clears it only on
+        freeze/unfreeze; otherwise AdamW starts fresh.
         """
         f = self.fabric
-        fp = self.fingerprint(train, cfg, cfg.lr)
-        seed = stage_seed(cfg.seed, cfg.name)
-        torch.manual_seed(seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
         lrs = discriminative_lrs(cfg.lr, len(param_groups(self.model)))
         if cfg.channels_last:  # before DDP wraps it: gradient buckets follow the layout
             self.model.to(memory_format=torch.channels_last)
         opt = make_optimizer(self.model, lrs, cfg)
+        carried = carried_state(carried_optimizer, cfg, opt)
+        fp = self.fingerprint(
+            train, cfg, cfg.lr, optimizer=optimizer_digest(carried) if carried else "fresh"
+        )
+        seed = stage_seed(cfg.seed, cfg.name)
+        torch.manual_seed(seed)
         model, opt = f.setup(self.model, opt)
+        if carried is not None:  # after setup: the state goes to the parameters' device
+            load_optimizer_state(opt, carried)
+            if f.is_global_zero:
+                logger.info("%s: AdamW goes on from the previous stage's state", cfg.name)
         step_model = torch.compile(model) if cfg.compile else model
         tr_loader, va_loader = self.loaders(train, valid, cfg)
         steps_per_epoch = max(1, len(tr_loader) // cfg.grad_accum)
@@ -448,9 +541,13 @@ class Trainer:
             state["best_metric"] if state["best_metric"] is not None else math.nan,
             state["start_metrics"],
             train.content,
+            # after the last epoch, as fastai's (SaveModelCallback reloads weights, not state)
+            _cpu(opt.state_dict()),
         )
 
-    def fingerprint(self, train: ShardedImages, cfg: StageConfig, lr: Any) -> dict[str, Any]:
+    def fingerprint(
+        self, train: ShardedImages, cfg: StageConfig, lr: Any, optimizer: str | None = None
+    ) -> dict[str, Any]:
         """What this stage's (or sweep's) result on ``train``'s shards is computed from."""
         settings = asdict(cfg)
         settings.pop("lr")  # a part of its own: the rate actually used
@@ -464,6 +561,7 @@ class Trainer:
             precision=str(self.fabric.strategy.precision.precision),
             device=self.fabric.device.type,
             world_size=self.fabric.world_size,
+            optimizer=optimizer,
         )
 
     def lr_find(

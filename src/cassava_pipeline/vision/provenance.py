@@ -52,6 +52,7 @@ _PARTS = (
     ("shards", "was trained on other shards"),
     ("lr", "was trained at another learning rate"),
     ("start", "started from other weights (an earlier stage or the model changed)"),
+    ("optimizer", "started from another optimizer state (the previous stage's, or a fresh one)"),
 )
 # Parts of the shards' content digest (see presize.content_digests), in words.
 SHARD_PARTS = {
@@ -110,8 +111,11 @@ def fingerprint(
     precision: str,
     device: str,
     world_size: int,
+    optimizer: str | None = None,
 ) -> dict[str, Any]:
     """Everything a stage's (or a sweep's) result is computed from, as one comparable dict.
+
+    ``optimizer``: the digest of the optimizer state a stage starts from ("fresh" for none).
 
     Plain JSON values (tuples become lists), so a copy stored in a checkpoint or a JSON file
     compares equal to a fresh one.
@@ -128,6 +132,8 @@ def fingerprint(
         "code": code_digests(),
         "packages": package_versions(),
     }
+    if optimizer is not None:
+        fp["optimizer"] = optimizer
     return json.loads(json.dumps(fp))
 
 

@@ -73,12 +73,15 @@ def _threads(fabric) -> None:
 def _train(
     fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path, on_epoch
 ) -> StageResult | None:
+    carried = checkpoint.get("optimizer")  # the previous stage's AdamW state, if it kept one
     _threads(fabric)
     model, stats = model_from_checkpoint(checkpoint)
     train, valid = shards.split()
     trainer = Trainer(fabric, model, stats, progress=runtime.progress)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    result = trainer.fit(train, valid, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch)
+    result = trainer.fit(
+        train, valid, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch, carried_optimizer=carried
+    )
     if result_path is None:  # in this process (one device, or torchrun): returned
         return result
     if fabric.is_global_zero:
@@ -98,6 +101,9 @@ def train_in_fabric(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> StageResult:
     """Train one stage from ``checkpoint`` on the shards' training side, validate on the rest.
+
+    A ``checkpoint["optimizer"]`` (``{"freeze": ..., "state": ...}``, written by the previous
+    stage) is the optimizer state the stage may go on from (``StageConfig.optimizer_state``).
 
     ``on_epoch`` (picklable: it may travel to spawned processes) gets each epoch's history row
     on rank 0, as soon as the epoch ends.
@@ -120,9 +126,11 @@ def train_in_fabric(
         result = fabric.launch(job)
         if result_path is not None:
             return StageResult(**torch.load(result_path, map_location="cpu", weights_only=True))
-    # torchrun: every rank returns rank 0's record of the stage (its weights are every rank's)
-    record = broadcast_from_zero({k: v for k, v in asdict(result).items() if k != "state_dict"})
-    return StageResult(**{**record, "state_dict": result.state_dict})
+    # torchrun: every rank returns rank 0's record of the stage (its weights and optimizer state
+    # are every rank's: DDP averages the gradients)
+    local = ("state_dict", "optimizer_state")
+    record = broadcast_from_zero({k: v for k, v in asdict(result).items() if k not in local})
+    return StageResult(**record, **{k: getattr(result, k) for k in local})
 
 
 def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime, cache_file) -> dict[str, Any]:

@@ -75,6 +75,17 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
         catalog["unfrozen.checkpoint"].load()["model"][stem], init["model"][stem]
     )
     assert (tmp_path / "out" / "resume" / "mixup" / "last.pt").is_file()
+    # AdamW as fastai's Learner: fresh after unfreeze, carried from unfrozen into mixup (the
+    # step counts go on), every stage's final state kept in its checkpoint with its freeze
+    steps = {}
+    for stage in ("frozen", "unfrozen", "mixup"):
+        opt = catalog[f"{stage}.checkpoint"].load()["optimizer"]
+        assert opt["freeze"] == (stage == "frozen")
+        steps[stage] = {float(s["step"]) for s in opt["state"]["state"].values()}
+    per_epoch = len(catalog["unfrozen.history"].load())  # one epoch each at test size
+    assert len(steps["unfrozen"]) == len(steps["mixup"]) == 1 and per_epoch == 1
+    (unfrozen_steps,) = steps["unfrozen"]
+    assert steps["mixup"] == {2 * unfrozen_steps}  # the same steps per epoch, counted on
     metrics = catalog["metrics"].load()
     assert metrics["stage"] == "mixup" and metrics["tta"] == {
         "n": 2,

@@ -51,6 +51,7 @@ def stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) 
         compile=bool(p["compile"]),
         seed=int(p["seed"]),
         validate_before=bool(p["validate_before"]),
+        optimizer_state=str(p.get("optimizer_state", "fastai")),
     )
 
 
@@ -151,7 +152,7 @@ def train_stage(
     if tracker is not None:
         tracker.log_missing(history)  # epochs a resumed or reused stage trained earlier
     out = {
-        **{k: v for k, v in checkpoint.items() if k != "model"},
+        **{k: v for k, v in checkpoint.items() if k not in ("model", "optimizer")},
         "stage": name,
         "global_epochs": first_epoch + cfg.epochs,
         "image_size": cfg.augment.size,
@@ -162,6 +163,8 @@ def train_stage(
         "trained_on": result.trained_on,  # the shards' content digests (split, presize, ...)
         "monitor": cfg.monitor,
         "model": result.state_dict,
+        # for a next stage that goes on from it (optimizer_state: fastai)
+        "optimizer": {"freeze": cfg.freeze, "state": result.optimizer_state},
     }
     return out, history
 
