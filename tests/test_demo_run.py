@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -111,6 +112,15 @@ def test_mlflow_records_the_run(demo: Path):
     metrics = run.data.metrics
     assert 0 <= metrics["final_metrics.accuracy"] <= 1
     assert 0 <= metrics["final_metrics.tta_accuracy"] <= 1
+    # each node's whole time (inputs loaded to outputs saved), and the run's
+    times = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("seconds/")}
+    stages = [f"{s}.train_stage" for s in ("frozen", "unfrozen", "mixup")]
+    assert {*stages, "lr_find", "evaluate", "export_model", "ingest_images", "run"} <= set(times)
+    assert all(v > 0 for v in times.values())
+    assert sum(v for k, v in times.items() if k != "run") <= times["run"] + 0.01
+    for stage in ("frozen", "unfrozen", "mixup"):  # a node holds its epochs and more
+        history = pd.read_csv(demo / "data" / "08_reporting" / f"history_{stage}.csv")
+        assert times[f"{stage}.train_stage"] > history["seconds"].sum()
     tags = run.data.tags
     assert {
         "git_commit",

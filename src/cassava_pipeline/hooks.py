@@ -12,6 +12,7 @@
   the process stops. kedro-mlflow marks a run that raises FAILED; MLflow's own exit handler
   would mark an interrupted run FINISHED. Runs left RUNNING by a process of this host that died
   without ending them (kill -9) are marked KILLED, once, with a warning.
+- :class:`NodeTimesHooks`: each node's wall-clock time, in the log and in the MLflow run.
 - :class:`RunLockHooks`: one ``kedro run`` at a time per project and environment
   (:mod:`cassava_pipeline.runlock`), taken before anything else runs.
 """
@@ -24,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,7 @@ __all__ = [
     "DistributedHooks",
     "FailoverEndHooks",
     "KedroMlflowHooks",
+    "NodeTimesHooks",
     "RunLockHooks",
     "TrackingHooks",
     "mark_dead_runs_killed",
@@ -338,6 +341,64 @@ class TrackingHooks:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
+
+
+class NodeTimesHooks:
+    """Each node's wall-clock time, from loading its first input to saving its last output (the
+    whole node: data, training, checkpoints, tracking): one log line at the end of the run and,
+    in the MLflow run, metrics ``seconds/<node>`` and ``seconds/run`` (from the first node's
+    start to the last node's end), so that runs compare stage by stage in the MLflow UI.
+    """
+
+    def __init__(self) -> None:
+        self._start: dict[str, float] = {}
+        self._end: dict[str, float] = {}
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._start, self._end = {}, {}
+
+    def _started(self, node) -> None:
+        self._start.setdefault(node.name, time.perf_counter())
+
+    def _ended(self, node) -> None:
+        self._end[node.name] = time.perf_counter()
+
+    @hook_impl(tryfirst=True)
+    def before_dataset_loaded(self, dataset_name: str, node) -> None:
+        self._started(node)
+
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        self._started(node)  # a node without inputs
+
+    @hook_impl(trylast=True)
+    def after_node_run(self, node, catalog, inputs, outputs, is_async: bool) -> None:
+        self._ended(node)  # a node without outputs
+
+    @hook_impl(trylast=True)
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        self._ended(node)
+
+    def times(self) -> dict[str, float]:
+        """Seconds per finished node, in the order they ran, and ``run`` for them all."""
+        done = [n for n in self._start if n in self._end]
+        out = {n: self._end[n] - self._start[n] for n in done}
+        if done:
+            out["run"] = max(self._end[n] for n in done) - min(self._start[n] for n in done)
+        return out
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow ends the run
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        times = self.times()
+        if not times or rank() != 0:
+            return
+        logger.info(
+            "node times: %s", ", ".join(f"{name} {sec:.1f} s" for name, sec in times.items())
+        )
+        if active_run_id() is not None:
+            metrics = {f"seconds/{name}": round(sec, 3) for name, sec in times.items()}
+            guarded(lambda: mlflow.log_metrics(metrics), "the node times")
 
 
 class FailoverEndHooks:

@@ -5,6 +5,7 @@ from cassava_pipeline.hooks import (
     DistributedHooks,
     FailoverEndHooks,
     KedroMlflowHooks,
+    NodeTimesHooks,
     RunLockHooks,
     TrackingHooks,
 )
@@ -24,6 +25,7 @@ HOOKS = (
     DistributedHooks(),
     RunLockHooks(),
     TrackingHooks(),
+    NodeTimesHooks(),
     FailoverEndHooks(),
     KedroMlflowHooks(),
 )
