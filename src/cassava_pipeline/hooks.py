@@ -12,6 +12,7 @@
   the process stops. kedro-mlflow marks a run that raises FAILED; MLflow's own exit handler
   would mark an interrupted run FINISHED. Runs left RUNNING by a process of this host that died
   without ending them (kill -9) are marked KILLED, once, with a warning.
+- :class:`ParametersHooks`: every parameter checked before anything runs.
 - :class:`NodeTimesHooks`: each node's wall-clock time, in the log and in the MLflow run.
 - :class:`RunLockHooks`: one ``kedro run`` at a time per project and environment
   (:mod:`cassava_pipeline.runlock`), taken before anything else runs.
@@ -47,8 +48,16 @@ from cassava_pipeline.fallback import (
     server_answers,
     set_tags,
 )
+from cassava_pipeline.params import check_parameters
 from cassava_pipeline.runlock import RunLock
-from cassava_pipeline.tracking import active_run_id, frame_hash, run_tags
+from cassava_pipeline.tracking import (
+    EXPERIMENT_KIND,
+    active_run_id,
+    frame_hash,
+    log_data_inputs,
+    run_name,
+    run_tags,
+)
 from cassava_pipeline.vision.atomic import remove_dead_temps_under
 from cassava_pipeline.vision.dist import (
     end_process_group,
@@ -68,11 +77,22 @@ __all__ = [
     "FailoverEndHooks",
     "KedroMlflowHooks",
     "NodeTimesHooks",
+    "ParametersHooks",
     "RunLockHooks",
     "TrackingHooks",
     "mark_dead_runs_killed",
     "server_answers",
 ]
+
+
+def _mark_experiment_kind() -> None:
+    """Tag the active run's experiment as model training (MLflow 3 then opens it on the runs
+    table, not the GenAI overview), unless it already has a kind."""
+    client = mlflow.tracking.MlflowClient()
+    experiment = client.get_experiment(mlflow.get_run(active_run_id()).info.experiment_id)
+    key, kind = EXPERIMENT_KIND
+    if key not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
 
 
 def mark_dead_runs_killed(host: str) -> list[str]:
@@ -256,9 +276,19 @@ class TrackingHooks:
         if self._unreachable:  # for `python -m cassava_pipeline.fallback sync`
             tags.update({FALLBACK_FROM: self._unreachable, FALLBACK_FOR: ""})
             tags[FALLBACK_WHERE] = "start"
+        try:
+            params = catalog.load("parameters")
+        except Exception:  # a catalog without parameters (tests)
+            params = {}
+        tags["mlflow.runName"] = run_name(params, tags["kedro_env"])
         self._catalog, self._tracked = catalog, {}
         self._failover = Failover.for_active_run()  # None unless the store is a server
         set_tags(tags)
+        guarded(_mark_experiment_kind, "the experiment's kind")
+        if "split_manifest" not in pipeline.all_outputs():  # a run on an earlier split
+            with contextlib.suppress(Exception):  # no split yet: nothing to record
+                if catalog.exists("split_manifest"):
+                    self._log_data(catalog.load("split_manifest"))
         self._install_signal_handlers()
         mark_dead_runs_killed(tags["host"])
 
@@ -292,6 +322,29 @@ class TrackingHooks:
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         if dataset_name in _MANIFESTS and isinstance(data, pd.DataFrame) and active_run_id():
             set_tags({"data_hash": frame_hash(data)})
+        if dataset_name == "split_manifest" and isinstance(data, pd.DataFrame):
+            self._log_data(data)
+        if dataset_name == "metrics" and isinstance(data, dict) and active_run_id():
+            # the stage the evaluated (and exported) weights come from, and the stages skipped
+            set_tags(
+                {
+                    "final_stage": str(data.get("stage", "")),
+                    "skipped_stages": ",".join(data.get("skipped", [])) or "none",
+                }
+            )
+
+    def _log_data(self, split_manifest: pd.DataFrame) -> None:
+        if active_run_id() is None:
+            return
+        try:
+            raw = self._catalog.get("raw_images")
+        except Exception:
+            raw = None
+        root = Path(str(getattr(raw, "_path", "") or "images"))
+        guarded(
+            lambda: log_data_inputs(split_manifest, str(root.resolve()), root.name),
+            "the data inputs",
+        )
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
@@ -341,6 +394,16 @@ class TrackingHooks:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
+
+
+class ParametersHooks:
+    """Every parameter checked against the schema (:mod:`cassava_pipeline.params`) as soon as the
+    Kedro context exists: before MLflow, the run lock or any node, so that a bad value stops the
+    run at once with every problem named."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        check_parameters(context.params)
 
 
 class NodeTimesHooks:
@@ -468,10 +531,27 @@ class KedroMlflowHooks:
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
         if rank() != 0:
             return
-        guarded(
-            lambda: self._inner.before_node_run(node, catalog, inputs, is_async),
-            f"node {node.name}",
-        )
+        guarded(lambda: self._before_node_run(node, catalog, inputs, is_async), f"node {node.name}")
+
+    def _before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        """kedro-mlflow's per-node hook, without reopening a run this thread already has open.
+
+        kedro-mlflow reopens its run before every node (for runners whose nodes run in other
+        threads) with ``nested=True``: in the thread that already holds it, that stacks the same
+        run once more per node, starts one more system-metrics monitor each time, and on an error
+        closes it once per level ("was closed because of an error" a dozen times). Where the run
+        is already active here, only its parameter logging runs.
+        """
+        active = mlflow.active_run()
+        run_id = getattr(self._inner, "run_id", None)
+        if active is None or run_id is None or active.info.run_id != run_id:
+            self._inner.before_node_run(node, catalog, inputs, is_async)
+            return
+        self._inner.run_id = None  # kedro-mlflow reopens the run only when it has an id
+        try:
+            self._inner.before_node_run(node, catalog, inputs, is_async)
+        finally:
+            self._inner.run_id = run_id
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:

@@ -6,6 +6,7 @@ from cassava_pipeline.hooks import (
     FailoverEndHooks,
     KedroMlflowHooks,
     NodeTimesHooks,
+    ParametersHooks,
     RunLockHooks,
     TrackingHooks,
 )
@@ -28,4 +29,5 @@ HOOKS = (
     NodeTimesHooks(),
     FailoverEndHooks(),
     KedroMlflowHooks(),
+    ParametersHooks(),  # registered last, called first: nothing starts with bad parameters
 )

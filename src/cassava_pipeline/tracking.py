@@ -191,6 +191,42 @@ def frame_hash(frame: pd.DataFrame) -> str:
     return hashlib.sha256(cols + rows).hexdigest()
 
 
+# MLflow 3 opens an experiment on the view its kind names: the runs table for model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def run_name(params: dict[str, Any], env: str) -> str:
+    """The MLflow run's name: ``run_name`` when given (``--params=run_name=...``), else what
+    tells runs apart: environment, architecture, image sizes, epochs per stage and model seed,
+    e.g. ``local tf_efficientnet_lite0 128/160px 3+2+2ep seed42``."""
+    given = params.get("run_name")
+    if given:
+        return str(given)
+    try:
+        stages = [params[s]["train"] for s in ("frozen", "unfrozen", "mixup")]
+        sizes = "/".join(dict.fromkeys(str(p["size"]) for p in stages if int(p["epochs"]) > 0))
+        epochs = "+".join(str(p["epochs"]) for p in stages)
+        model = params["model"]
+        return f"{env} {model['arch']} {sizes or '-'}px {epochs}ep seed{model['seed']}"
+    except (KeyError, TypeError):  # parameters of another shape (tests): the environment alone
+        return env
+
+
+def log_data_inputs(split_manifest: pd.DataFrame, source: str, name: str) -> None:
+    """The training and validation sides of the split as MLflow dataset inputs of the active run,
+    each with its content digest: the runs table's Dataset column shows which data a run saw."""
+    for valid, context in ((False, "training"), (True, "validation")):
+        side = split_manifest[split_manifest["is_valid"] == valid].reset_index(drop=True)
+        dataset = mlflow.data.from_pandas(
+            side,
+            source=source,
+            name=f"{name}-{'valid' if valid else 'train'}",
+            digest=frame_hash(side)[:16],
+            targets="label" if "label" in side.columns else None,
+        )
+        mlflow.log_input(dataset, context=context)
+
+
 def run_tags(project_path: Path, accelerator: str = "auto") -> dict[str, str]:
     """Provenance tags of a run: code, environment and device."""
     project_path = Path(project_path)

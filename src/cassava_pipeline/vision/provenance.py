@@ -155,12 +155,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def shards_difference(old: dict[str, str] | None, new: dict[str, str]) -> str | None:
-    """How two shard sets' content digests differ (``split changed, ...``); None if equal."""
+def shards_difference(
+    old: dict[str, str] | None, new: dict[str, str], ignore: tuple[str, ...] = ()
+) -> str | None:
+    """How two shard sets' content digests differ (``split changed, ...``); None if equal.
+
+    ``ignore``: parts (of :data:`SHARD_PARTS`) whose change does not count, e.g. ``presize`` and
+    ``pixels`` when only the images and their split must be the same.
+    """
     if (old or {}).get("digest") == new.get("digest"):
         return None
     changed = [k for k in SHARD_PARTS if (old or {}).get(k) != new.get(k)]
-    return ", ".join(SHARD_PARTS[k] for k in changed) or "no record of them"
+    if not changed:
+        return "no record of them"
+    return ", ".join(SHARD_PARTS[k] for k in changed if k not in ignore) or None
 
 
 def _detail(part: str, old: Any, new: Any) -> str:

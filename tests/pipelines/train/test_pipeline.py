@@ -14,7 +14,7 @@ from PIL import Image
 from cassava_pipeline.pipeline_registry import register_pipelines
 from cassava_pipeline.pipelines.train.pipeline import STAGES
 from cassava_pipeline.vision.learner import HISTORY_COLUMNS
-from tests.pipelines.conftest import make_catalog, shrink_training
+from tests.pipelines.conftest import PLOTS, make_catalog, shrink_training
 
 
 def test_pipeline_shape():
@@ -124,3 +124,50 @@ def test_cassava_pipeline_end_to_end(kaggle_dir: Path, params, tmp_path: Path):
     SequentialRunner().run(register_pipelines()["cassava_predict"], catalog)
     submission = pd.read_csv(tmp_path / "out" / "submission.csv")
     assert len(submission) == 18 and set(submission["label"]) <= {0, 1, 2}
+
+
+SWITCHED_OFF = {  # which stages have epochs: 0 -> (the stage the final weights come from)
+    "fine_tune": (("mixup",), "unfrozen"),  # the seeds' fine_tune: frozen then unfrozen
+    "unfrozen_from_the_start": (("frozen",), "mixup"),
+    "nothing_trained": (("frozen", "unfrozen", "mixup"), "initial"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(SWITCHED_OFF))
+def test_stages_switched_off_pass_their_checkpoint_on(kaggle_dir: Path, params, tmp_path, case):
+    off, final = SWITCHED_OFF[case]
+    params = shrink_training(params)
+    for stage in off:
+        params[stage]["train"]["epochs"] = 0
+    if "frozen" in off:  # no training stage asks for lr: auto -> lr_find is skipped
+        params["unfrozen"]["train"]["lr"] = [1e-5, 1e-3]
+    catalog = make_catalog(kaggle_dir, params, tmp_path / "out")
+    SequentialRunner().run(register_pipelines()["cassava"], catalog)
+
+    previous = catalog["initial_checkpoint"].load()
+    for stage in ("frozen", "unfrozen", "mixup"):
+        ckpt = catalog[f"{stage}.checkpoint"].load()
+        history = pd.read_csv(tmp_path / "out" / f"history_{stage}.csv")
+        assert tuple(history.columns) == HISTORY_COLUMNS
+        if stage in off:  # passed on unchanged, bit for bit, with an empty history
+            assert history.empty
+            assert ckpt["stage"] == previous["stage"]
+            assert stage in ckpt["skipped"]
+            for k, v in previous["model"].items():
+                assert torch.equal(ckpt["model"][k], v), (stage, k)
+        else:
+            assert len(history) == 1 and ckpt["stage"] == stage
+        previous = ckpt
+    sweep = catalog["lr_find_result"].load()
+    if "frozen" in off:
+        assert sweep["skipped"] == "no training stage uses lr: auto" and sweep["lrs"] == []
+    else:
+        assert "skipped" not in sweep and len(sweep["lrs"]) > 2
+    metrics = catalog["metrics"].load()
+    assert metrics["stage"] == final and metrics["skipped"] == list(off)
+    assert 0 <= metrics["with_tta"]["accuracy"] <= 1 and metrics["plain"]["n"] == 3
+    card = catalog["exported_model"].load().card
+    assert card.stage == final and card.extra["skipped"] == list(off)
+    for name in PLOTS:  # every figure drawn (an lr_find or curves figure says what was skipped)
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 5_000, name

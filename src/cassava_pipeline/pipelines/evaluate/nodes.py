@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cassava_pipeline.pipelines.train.nodes import stage_config
+from cassava_pipeline.pipelines.train.nodes import final_stage_config, stage_config
 from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.interpret import (
     classification_report,
@@ -45,16 +45,23 @@ def evaluate(
     the per-image predictions behind them, and the headline numbers as MLflow metrics
     (``{name: {value, step}}``, step = the global epoch count).
 
-    The augmentations and image size are the last training stage's.
+    The augmentations are the last stage's settings; the image size is the one the checkpoint
+    was trained at (an earlier stage's when the later ones were switched off with ``epochs: 0``).
     """
-    differs = shards_difference(checkpoint.get("trained_on"), presized_images.content)
+    trained_on = checkpoint.get("trained_on")  # none: never trained (every stage switched off)
+    # another presize of the same images and split is fine (the frozen stage's small shards)
+    differs = (
+        shards_difference(trained_on, presized_images.content, ignore=("presize", "pixels"))
+        if trained_on
+        else None
+    )
     if differs is not None:  # e.g. a new split: the validation side may hold training images
         raise ValueError(
             f"The {checkpoint.get('stage')} checkpoint was trained on other shards than the "
             f"ones being evaluated ({differs}): its scores would not be validation scores. "
             "Train again on these shards: kedro run --pipelines=train (or dvc repro)."
         )
-    cfg = stage_config("evaluate", stage_params, 0.0)
+    cfg = final_stage_config("evaluate", stage_params, checkpoint)
     options = TtaOptions(**tta_params)
     model, stats = model_from_checkpoint(checkpoint)
     _, valid = presized_images.split()
@@ -69,7 +76,8 @@ def evaluate(
     )
     classes = checkpoint["classes"]
     result = {
-        "stage": checkpoint["stage"],
+        "stage": checkpoint["stage"],  # the stage the final weights come from
+        "skipped": list(checkpoint.get("skipped", [])),
         "image_size": cfg.augment.size,
         "tta": {"n": options.n, "beta": options.beta, "use_max": options.use_max},
         "plain": classification_metrics(out["plain"], out["targets"], classes),
@@ -162,7 +170,10 @@ def plot_report(
     history = pd.concat([frozen_history, unfrozen_history, mixup_history], ignore_index=True)
     curves = curves_figure(history)
     lr_plot = lr_find_figure(
-        lr_find_result["lrs"], lr_find_result["losses"], lr_find_result["suggestion"]
+        lr_find_result["lrs"],
+        lr_find_result["losses"],
+        lr_find_result["suggestion"],
+        skipped=lr_find_result.get("skipped"),
     )
     cfg = stage_config("show_batch", stage_params, 0.0)
     train, _ = presized_images.split()

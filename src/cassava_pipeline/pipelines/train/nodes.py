@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
 from cassava_pipeline.vision.export import ExportedModel, export_checkpoint
 from cassava_pipeline.vision.images import DEFAULT_MAX_PIXELS
-from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
+from cassava_pipeline.vision.learner import HISTORY_COLUMNS, RuntimeConfig, StageConfig
 from cassava_pipeline.vision.models import create_model
 from cassava_pipeline.vision.run import lr_find_in_fabric, train_in_fabric
 from cassava_pipeline.vision.schedule import LrFindOptions, OneCycle
@@ -55,15 +56,25 @@ def stage_config(name: str, p: dict[str, Any], lr: float | tuple[float, float]) 
     )
 
 
+def final_stage_config(name: str, p: dict[str, Any], checkpoint: dict[str, Any]) -> StageConfig:
+    """The last stage's settings at the image size ``checkpoint`` was trained at: an earlier
+    stage's when the later ones were switched off (``epochs: 0``)."""
+    cfg = stage_config(name, p, 0.0)
+    size = int(checkpoint.get("image_size", cfg.augment.size))
+    return replace(cfg, augment=replace(cfg.augment, size=size))
+
+
 def _runtime(p: dict[str, Any]) -> RuntimeConfig:
     return RuntimeConfig(**p)
 
 
 def _resolve_lr(lr: Any, lr_find_result: dict) -> float | tuple[float, float]:
     if lr == "auto":
+        if lr_find_result.get("suggestion") is None:  # pragma: no cover - find_lr ran for it
+            raise ValueError("lr: auto, but lr_find was skipped")
         return float(lr_find_result["suggestion"])
-    if isinstance(lr, list | tuple):
-        return (float(lr[0]), float(lr[1]))
+    if isinstance(lr, list | tuple):  # fastai's slice: [high] or [low, high]
+        return tuple(float(v) for v in lr)
     return float(lr)
 
 
@@ -108,12 +119,20 @@ def find_lr(
     stage_params: dict[str, Any],
     lr_find_params: dict[str, Any],
     runtime_params: dict[str, Any],
+    *all_stage_params: dict[str, Any],
 ) -> dict[str, Any]:
     """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``.
 
-    The sweep is kept in ``resume_dir`` and reused while its inputs are equal, so a resumed run
-    does not sweep again (and cannot move the suggestion under finished stages).
+    Skipped (``{"skipped": reason, "lrs": [], "losses": [], "suggestion": None}``) when no stage
+    that trains (``epochs`` > 0) of ``all_stage_params`` asks for ``lr: auto``. The sweep is kept
+    in ``resume_dir`` and reused while its inputs are equal, so a resumed run does not sweep
+    again (and cannot move the suggestion under finished stages).
     """
+    stages = all_stage_params or (stage_params,)
+    if not any(p["lr"] == "auto" and int(p["epochs"]) > 0 for p in stages):
+        reason = "no training stage uses lr: auto"
+        logger.info("lr_find: skipped, %s", reason)
+        return {"skipped": reason, "lrs": [], "losses": [], "suggestion": None}
     options = LrFindOptions(**lr_find_params)
     cfg = stage_config("lr_find", stage_params, options.start_lr)
     return lr_find_in_fabric(
@@ -134,8 +153,22 @@ def train_stage(
     stage_params: dict[str, Any],
     runtime_params: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """One ``fit_one_cycle`` stage from the previous stage's checkpoint; returns the best epoch."""
+    """One ``fit_one_cycle`` stage from the previous stage's checkpoint; returns the best epoch.
+
+    ``epochs: 0`` switches the stage off: the checkpoint passes on unchanged (its ``stage`` still
+    names the stage its weights come from, ``skipped`` lists the stages passed over) with an
+    empty history, so that e.g. ``fine_tune`` (no mixup) or training unfrozen from the start
+    runs the rest of the pipeline as usual.
+    """
     name = str(stage_params["name"])
+    if int(stage_params["epochs"]) == 0:
+        logger.info(
+            "%s: epochs 0, stage skipped; the %s checkpoint passes on unchanged",
+            name,
+            checkpoint.get("stage", "initial"),
+        )
+        skipped = [*checkpoint.get("skipped", []), name]
+        return {**checkpoint, "skipped": skipped}, pd.DataFrame(columns=list(HISTORY_COLUMNS))
     cfg = stage_config(name, stage_params, _resolve_lr(stage_params["lr"], lr_find_result))
     logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.augment.size)
     first_epoch = int(checkpoint.get("global_epochs", 0))  # epochs of the stages before
@@ -177,7 +210,7 @@ def export_model(
 ) -> tuple[ExportedModel, ExportedModel]:
     """The final checkpoint as a self-describing safetensors model (``vision.export``), twice:
     for the model file and for the MLflow run (a pyfunc)."""
-    cfg = stage_config("export", stage_params, 0.0)
+    cfg = final_stage_config("export", stage_params, checkpoint)
     class_ids = [str(c.get("source_id") or c["name"]) for c in data_report["classes"]]
     exported = export_checkpoint(
         checkpoint,
@@ -191,6 +224,7 @@ def export_model(
             "best_metric": checkpoint.get("best_metric"),
             "monitor": checkpoint.get("monitor"),
             "n_images": data_report.get("n_images"),
+            "skipped": list(checkpoint.get("skipped", [])),
         },
     )
     logger.info(

@@ -56,6 +56,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:frozen.train",
                     "params:lr_find",
                     "params:runtime",
+                    *(f"params:{ns}.train" for ns in STAGES),  # skipped unless one uses auto
                 ],
                 "lr_find_result",
                 name="lr_find",
