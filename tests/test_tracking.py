@@ -123,8 +123,8 @@ def test_pyfunc_model_takes_paths_bytes_and_base64(store, test_images: Path):
 def test_pyfunc_requirements_cover_every_package_the_model_imports():
     """``mlflow models serve`` with its default environment manager builds the environment from
     the requirements alone: every distribution the model's own code imports at module level (the
-    modules of this package that loading the model loads) must be pinned there, or be a requirement of one that
-    is. (Optional imports inside third-party packages, guarded by them, are theirs.)"""
+    modules of this package that loading the model loads) must be pinned there, or be a
+    requirement of one that is. (Optional imports inside third-party packages are theirs.)"""
     import ast
     import json
     import subprocess

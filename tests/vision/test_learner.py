@@ -395,6 +395,11 @@ def test_carried_adamw_state_is_loaded_exactly_with_this_stages_hyperparameters(
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(after.state[p][k], before.state[p][k])
     assert after.param_groups[0]["lr"] == 3e-4 and after.param_groups[0]["weight_decay"] == 0.1
+    # its own copies: under ddp_spawn the carried tensors are one shared block for every process
+    for p in model.parameters():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            loaded = after.state[p][k]
+            assert all(loaded.data_ptr() != t[k].data_ptr() for t in saved["state"].values())
     # a state for other shapes is not loaded (reported, fresh AdamW)
     other = torch.optim.AdamW(torch.nn.Linear(4, 5).parameters())
     assert carried_state({"freeze": False, "state": saved}, cfg, other) is None

@@ -226,7 +226,11 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
     """Load a carried AdamW state (moving averages, step counts) and keep this stage's own
     hyperparameters (learning rates, weight decay, betas)."""
     current = opt.state_dict()
-    opt.load_state_dict({"state": state["state"], "param_groups": current["param_groups"]})
+    # Copies: torch's load_state_dict keeps a CPU tensor as it is, and under ddp_spawn the
+    # checkpoint's tensors reach every process in one shared memory block, so each process's
+    # in-place AdamW updates would land in the others' state too.
+    own = _cpu(state["state"])
+    opt.load_state_dict({"state": own, "param_groups": current["param_groups"]})
 
 
 def optimizer_digest(state: dict[str, Any]) -> str:
