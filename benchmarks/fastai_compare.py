@@ -257,7 +257,8 @@ def _params(seed: int, r: dict) -> dict:
         "large": {"presize": {"size": r["presize"][1]}},
         "model": {"seed": seed},
         "runtime": {"accelerator": "cpu", "progress": False},
-        "lr_find": {"num_it": r["lr_find_iters"]},
+        # swept as fastai's arm does, though both then train at the same fixed rates
+        "lr_find": {"num_it": r["lr_find_iters"], "always": True},
         "tta": {"n": r["tta_n"], "beta": r["tta_beta"], "seed": seed},
         "frozen": stage(0, lr=r["lr_frozen"]),
         "unfrozen": stage(1, lr=list(r["lr_unfrozen"])),

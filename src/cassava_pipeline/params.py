@@ -193,6 +193,7 @@ class LrFindParams(Block):
     num_it: Annotated[int, Field(ge=2)]
     stop_div: bool
     beta: Annotated[float, Field(ge=0.0, lt=1.0)]
+    always: bool = False  # sweep even when no stage uses lr: auto (for the plot)
 
     @model_validator(mode="after")
     def _range(self) -> LrFindParams:

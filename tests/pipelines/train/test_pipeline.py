@@ -140,8 +140,10 @@ def test_stages_switched_off_pass_their_checkpoint_on(kaggle_dir: Path, params, 
     params = shrink_training(params)
     for stage in off:
         params[stage]["train"]["epochs"] = 0
-    if "frozen" in off:  # no training stage asks for lr: auto -> lr_find is skipped
+    if "frozen" in off:  # no training stage asks for lr: auto -> lr_find is skipped...
         params["unfrozen"]["train"]["lr"] = [1e-5, 1e-3]
+    if case == "unfrozen_from_the_start":  # ... unless asked for its plot alone
+        params["lr_find"]["always"] = True
     catalog = make_catalog(kaggle_dir, params, tmp_path / "out")
     SequentialRunner().run(register_pipelines()["cassava"], catalog)
 
@@ -160,7 +162,7 @@ def test_stages_switched_off_pass_their_checkpoint_on(kaggle_dir: Path, params, 
             assert len(history) == 1 and ckpt["stage"] == stage
         previous = ckpt
     sweep = catalog["lr_find_result"].load()
-    if "frozen" in off:
+    if "frozen" in off and case != "unfrozen_from_the_start":
         assert sweep["skipped"] == "no training stage uses lr: auto" and sweep["lrs"] == []
     else:
         assert "skipped" not in sweep and len(sweep["lrs"]) > 2

@@ -124,16 +124,19 @@ def find_lr(
     """fastai's ``lr_find`` on the first stage's settings; its suggestion serves ``lr: auto``.
 
     Skipped (``{"skipped": reason, "lrs": [], "losses": [], "suggestion": None}``) when no stage
-    that trains (``epochs`` > 0) of ``all_stage_params`` asks for ``lr: auto``. The sweep is kept
+    that trains (``epochs`` > 0) of ``all_stage_params`` asks for ``lr: auto``, unless
+    ``lr_find.always`` (the sweep for its plot alone). The sweep is kept
     in ``resume_dir`` and reused while its inputs are equal, so a resumed run does not sweep
     again (and cannot move the suggestion under finished stages).
     """
     stages = all_stage_params or (stage_params,)
-    if not any(p["lr"] == "auto" and int(p["epochs"]) > 0 for p in stages):
+    wanted = any(p["lr"] == "auto" and int(p["epochs"]) > 0 for p in stages)
+    sweep = {k: v for k, v in lr_find_params.items() if k != "always"}
+    if not wanted and not lr_find_params.get("always", False):
         reason = "no training stage uses lr: auto"
-        logger.info("lr_find: skipped, %s", reason)
+        logger.info("lr_find: skipped, %s (lr_find.always: true sweeps anyway)", reason)
         return {"skipped": reason, "lrs": [], "losses": [], "suggestion": None}
-    options = LrFindOptions(**lr_find_params)
+    options = LrFindOptions(**sweep)
     cfg = stage_config("lr_find", stage_params, options.start_lr)
     return lr_find_in_fabric(
         checkpoint,
