@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -501,6 +502,7 @@ class KedroMlflowHooks:
 
             inner = mlflow_hook
         self._inner = inner
+        self._lock = threading.Lock()
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -542,16 +544,17 @@ class KedroMlflowHooks:
         closes it once per level ("was closed because of an error" a dozen times). Where the run
         is already active here, only its parameter logging runs.
         """
-        active = mlflow.active_run()
-        run_id = getattr(self._inner, "run_id", None)
-        if active is None or run_id is None or active.info.run_id != run_id:
-            self._inner.before_node_run(node, catalog, inputs, is_async)
-            return
-        self._inner.run_id = None  # kedro-mlflow reopens the run only when it has an id
-        try:
-            self._inner.before_node_run(node, catalog, inputs, is_async)
-        finally:
-            self._inner.run_id = run_id
+        with self._lock:  # a ThreadRunner's nodes must not see the id while it is set aside
+            active = mlflow.active_run()
+            run_id = getattr(self._inner, "run_id", None)
+            if active is None or run_id is None or active.info.run_id != run_id:
+                self._inner.before_node_run(node, catalog, inputs, is_async)
+                return
+            self._inner.run_id = None  # kedro-mlflow reopens the run only when it has an id
+            try:
+                self._inner.before_node_run(node, catalog, inputs, is_async)
+            finally:
+                self._inner.run_id = run_id
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
