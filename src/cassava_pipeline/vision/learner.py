@@ -512,9 +512,7 @@ class Trainer:
             )
             if better and not math.isnan(value):
                 state["best_metric"], state["best_epoch"] = value, epoch
-                state["best"] = {
-                    k: v.detach().cpu().clone() for k, v in _raw(model).state_dict().items()
-                }
+                state["best"] = _cpu(_raw(model).state_dict())
             state["epoch"] = epoch + 1
             state["smooth"] = [smooth.avg, smooth.count]
             if f.is_global_zero:
@@ -525,9 +523,7 @@ class Trainer:
                 on_epoch(row)
             f.barrier()
         if state["best"] is None:  # no finite metric (e.g. empty validation): keep the last
-            state["best"] = {
-                k: v.detach().cpu().clone() for k, v in _raw(model).state_dict().items()
-            }
+            state["best"] = _cpu(_raw(model).state_dict())
             state["best_epoch"] = state["epoch"] - 1
         if state["best_epoch"] >= 0 and f.is_global_zero:
             logger.info(

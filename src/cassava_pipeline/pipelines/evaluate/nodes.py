@@ -48,12 +48,15 @@ def evaluate(
     The augmentations are the last stage's settings; the image size is the one the checkpoint
     was trained at (an earlier stage's when the later ones were switched off with ``epochs: 0``).
     """
-    trained_on = checkpoint.get("trained_on")  # none: never trained (every stage switched off)
-    # another presize of the same images and split is fine (the frozen stage's small shards)
+    # A model never trained (every stage switched off: still the initial checkpoint) has seen no
+    # images; any other must have been trained on these images and split. Another presize of
+    # them is fine (the frozen stage's small shards, when the later stages were switched off).
     differs = (
-        shards_difference(trained_on, presized_images.content, ignore=("presize", "pixels"))
-        if trained_on
-        else None
+        None
+        if checkpoint.get("stage") == "initial"
+        else shards_difference(
+            checkpoint.get("trained_on"), presized_images.content, ignore=("presize", "pixels")
+        )
     )
     if differs is not None:  # e.g. a new split: the validation side may hold training images
         raise ValueError(
