@@ -75,6 +75,10 @@ def test_the_project_session_resolves_environment_folders():
                 name: str(Path(catalog.get(name)._describe()["path"]).relative_to(REPO))
                 for name in ("mixup.checkpoint", "frozen.resume_dir", "exported_model")
             }
+            # the ingest error names the data report where this environment writes it
+            report = context.params["ingest"]["report_path"]
+            assert report == ("data/08_reporting/kaggle/data_report.json" if env else
+                              "data/08_reporting/data_report.json")  # fmt: skip
             if env == "kaggle":
                 context.config_loader.config_patterns.setdefault("mlflow", ["mlflow*"])
                 mlflow = context.config_loader["mlflow"]
@@ -103,3 +107,14 @@ def test_merged_parameters_for_dvc(conf: Path, tmp_path: Path):
     assert len(local["catalog_digest"]) == 64
     assert kaggle["catalog_digest"] != local["catalog_digest"]
     assert gpu["catalog_digest"] != local["catalog_digest"]  # its outputs live under gpu/
+
+
+def test_a_test_session_keeps_no_passed_tests_folders():
+    """A whole session writes ~15 GB of pipeline outputs; pytest's default keeps every test's
+    folder for three sessions, which once filled CI's disk. Only failures are kept."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    ini = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["tmp_path_retention_policy"] == "failed"
+    assert int(ini["tmp_path_retention_count"]) <= 1

@@ -43,3 +43,15 @@ def test_the_lock_of_a_killed_run_is_taken_over_and_said_so(tmp_path: Path, capl
         pass
     assert f"the run that held it, pid {record['pid']}" in caplog.text
     assert "ended without releasing it" in caplog.text
+
+
+def test_git_ignores_the_lock_files():
+    """The lock file stays beside the project after a run (empty): git must not list it (an
+    inline comment in .gitignore once made the pattern match nothing)."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for env in ("local", "kaggle"):
+        name = lock_path(repo, env).relative_to(repo).as_posix()
+        found = subprocess.run(["git", "check-ignore", "-q", name], cwd=repo, check=False)
+        assert found.returncode == 0, f"{name} is not git-ignored"

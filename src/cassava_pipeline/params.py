@@ -89,12 +89,14 @@ class IngestParams(Block):
     max_image_pixels: PositiveInt
     workers: NonNegativeInt
     chunk_size: PositiveInt
+    report_path: str = "data/08_reporting/data_report.json"  # named in messages
 
 
 class SplitParams(Block):
     valid_pct: Annotated[float, Field(gt=0.0, lt=1.0)]
     seed: int
     use_layout_split: bool
+    keep_conflicting_duplicates: bool = False
 
 
 class PresizeParams(Block):
@@ -249,7 +251,7 @@ class TrainParams(Block):
     wd: NonNegativeFloat
     mixup: NonNegativeFloat
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
-    monitor: Literal["accuracy", "valid_loss"]
+    monitor: Literal["accuracy", "valid_loss", "last"]
     grad_accum: PositiveInt
     channels_last: bool
     compile: bool

@@ -52,6 +52,79 @@ def test_failed_save_leaves_previous_set(kaggle_dir: Path, tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["presized"]
 
 
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_shards_written_from_the_same_inputs_are_reused(kaggle_dir: Path, tmp_path: Path, caplog):
+    """A rerun with nothing changed keeps the shard set (same files, untouched) after verifying
+    it; any changed input, or a damaged shard, writes it again, and the log says why."""
+    import dataclasses
+    import logging
+
+    out = tmp_path / "presized"
+    ds = ImageShardsDataset(path=str(out))
+    job = _job(kaggle_dir, 16)
+    ds.save(job)
+    first = _files(out)
+    caplog.set_level(logging.INFO, logger="cassava_pipeline.datasets.shards")
+
+    ds.save(_job(kaggle_dir, 16))  # a fresh ingest and split of the same files: equal inputs
+    assert _files(out) == first
+    assert "reusing it" in caplog.text
+
+    relabelled = job.manifest.copy()
+    relabelled.loc[0, "label"] = (int(relabelled.loc[0, "label"]) + 1) % len(job.classes)
+    resplit = job.manifest.copy()
+    resplit["is_valid"] = ~resplit["is_valid"].astype(bool)
+    other_quality = dataclasses.replace(job.options, encoding="jpeg")
+    for changed, reason in [
+        (dataclasses.replace(job, manifest=relabelled), "labels or files changed"),
+        (dataclasses.replace(job, manifest=resplit), "the split changed"),
+        (dataclasses.replace(job, options=other_quality), "presize settings changed"),
+        (dataclasses.replace(job, options=dataclasses.replace(job.options, shard_mb=1)),
+         "shard_mb changed"),
+    ]:  # fmt: skip
+        caplog.clear()
+        ds.save(changed)
+        assert f"presize 16 into {out}: {reason}" in caplog.text
+        assert _files(out) != first
+        ds.save(job)  # back: written again (the set on disk was the changed one)
+        first = _files(out)
+
+    shard = next(p for p in out.iterdir() if p.name.endswith(".bin"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of a shard
+    shard.write_bytes(bytes(data))
+    caplog.clear()
+    ds.save(job)
+    assert f"{shard.name} failed its check" in caplog.text
+    assert min(ds.load()[0][0].shape[:2]) == 16  # written again: it loads (and verifies)
+
+
+def test_a_second_presize_of_the_same_size_links_the_first(
+    kaggle_dir: Path, tmp_path: Path, caplog
+):
+    """small and large at the same size: the second set is the first's files, linked."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cassava_pipeline.datasets.shards")
+    job = _job(kaggle_dir, 16)
+    small = ImageShardsDataset(path=str(tmp_path / "presized_small"))
+    large = ImageShardsDataset(path=str(tmp_path / "presized_large"))
+    small.save(job)
+    large.save(job)
+    assert "linking them, not presizing" in caplog.text
+    for f in (tmp_path / "presized_small").iterdir():
+        twin = tmp_path / "presized_large" / f.name
+        assert twin.stat().st_ino == f.stat().st_ino  # the same file, not a copy
+    assert large.load().content == small.load().content
+    caplog.clear()
+    large.save(_job(kaggle_dir, 12))  # another size: presized for real
+    assert "linking" not in caplog.text and large.load().size == 12
+    assert small.load().size == 16  # the first set is untouched
+
+
 # ---- kedro-datasets' file datasets, written atomically --------------------------------------
 
 

@@ -114,11 +114,14 @@ def test_truncated_jpeg_is_detected():
 def test_decompression_bomb_is_refused():
     data = jpeg_bytes(gradient_rgb(100, 100))
     with pytest.raises(ImageError) as e:
-        inspect_image(data, max_pixels=5_000)
+        inspect_image(data, max_pixels=4_000)  # over twice the limit: PIL's own error
     assert e.value.reason == "decompression bomb"
+    # the limit the user set, not PIL's hard limit (twice it)
+    assert e.value.detail == "10,000 pixels is over max_image_pixels (4,000)"
     # Between the limit and twice the limit PIL only warns; it is refused all the same.
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError) as e:
         inspect_image(data, max_pixels=9_999)
+    assert e.value.detail == "10,000 pixels is over max_image_pixels (9,999)"
     assert inspect_image(data, max_pixels=10_000).width == 100
 
 

@@ -74,8 +74,9 @@ def test_threshold_stops_with_count_files_and_reasons(kaggle_dir: Path):
     assert report["excluded_fraction"] == pytest.approx(1 / 18)
     check_exclusions(report, 0.1)  # 5.6% is within 10%
     with pytest.raises(IngestError) as e:
-        check_exclusions(report, 0.01)
+        check_exclusions(report, 0.01, report_path="data/08_reporting/gpu/data_report.json")
     msg = str(e.value)
+    assert "The data report (data/08_reporting/gpu/data_report.json) lists every file" in msg
     assert "1 of 18" in msg and "5.6%" in msg
     assert "train_images/0000.jpg: empty file" in msg and "max_excluded_fraction" in msg
 
@@ -129,6 +130,41 @@ def test_folder_layout_with_train_and_valid(tmp_path: Path):
     assert report["ignored_hidden_files"] == ["train/hat/.DS_Store"]
 
 
+@pytest.mark.parametrize("valid_name", ["val", "validation", "Valid"])
+def test_folder_layout_recognises_the_usual_validation_names(tmp_path: Path, valid_name: str):
+    """A train/ + val/ set (torchvision's ImageFolder sets): val/ is the validation side, not a
+    class, and test/ is left out; the report and the log say so."""
+    root = tmp_path / "set"
+    for side in ("train", valid_name, "test"):
+        for cls in ("ants", "bees"):
+            write_jpeg(root / side / cls / f"{side}.jpg", seed=len(side) + len(cls))
+    manifest, report = ingest(root, FolderLayout(), SERIAL)
+    assert [c["name"] for c in report["classes"]] == ["ants", "bees"]
+    assert report["has_split"] is True
+    assert manifest.groupby("is_valid").size().to_dict() == {False: 2, True: 2}
+    assert not manifest["path"].str.startswith("test/").any()
+    notes = report["layout_notes"]
+    assert notes[0].startswith(f"validation folder: {valid_name}/")
+    assert "left out: test/ (a test folder is not training data)" in notes
+
+
+def test_folder_layout_train_alone_is_split_at_random(tmp_path: Path):
+    for cls in ("ants", "bees"):
+        write_jpeg(tmp_path / "train" / cls / "a.jpg")
+    manifest, report = ingest(tmp_path, FolderLayout(), SERIAL)
+    assert [c["name"] for c in report["classes"]] == ["ants", "bees"]
+    assert manifest["is_valid"].isna().all() and report["has_split"] is False
+    assert "split at random" in report["layout_notes"][0]
+
+
+def test_split_folders_without_train_stop_the_run(tmp_path: Path):
+    """val/ and test/ at the top without train/ would become two classes: a clear stop."""
+    for side in ("val", "test"):
+        write_jpeg(tmp_path / side / "ants" / "a.jpg")
+    with pytest.raises(LayoutError, match=r"named like split folders \(test, val\).*train_folder"):
+        ingest(tmp_path, FolderLayout(), SERIAL)
+
+
 def test_folder_layout_flat(tmp_path: Path):
     for cls in ("b", "a"):
         write_jpeg(tmp_path / cls / "x.jpg")
@@ -161,9 +197,35 @@ def test_odd_modes_are_accepted(tmp_path: Path):
     assert set(report["modes"]) >= {"L", "RGBA", "P", "CMYK"}
 
 
+def test_unusual_formats_and_modes_are_named(tmp_path: Path):
+    """A GIF placeholder among JPEG photos: the manifest has format and mode columns, the
+    report and the warning name the file, not just a count."""
+    from cassava_pipeline.vision.ingest import unusual_lines
+
+    d = tmp_path / "x" / "ants"
+    for i in range(4):
+        write_jpeg(d / f"{i}.jpg", seed=i)
+    Image.fromarray(gradient_rgb(8, 8)).convert("P").save(d / "placeholder.jpg", format="GIF")
+    Image.fromarray(gradient_rgb(8, 8)).convert("L").save(d / "grey.jpg", format="JPEG")
+    manifest, report = ingest(tmp_path / "x", FolderLayout(), SERIAL)
+    by_path = manifest.set_index("path")[["format", "mode"]].to_dict("index")
+    assert by_path["ants/placeholder.jpg"] == {"format": "GIF", "mode": "P"}
+    assert by_path["ants/0.jpg"] == {"format": "JPEG", "mode": "RGB"}
+    assert report["unusual_files"] == [
+        {"path": "ants/grey.jpg", "format": "JPEG", "mode": "L"},
+        {"path": "ants/placeholder.jpg", "format": "GIF", "mode": "P"},
+    ]
+    (line,) = unusual_lines(report)
+    assert "2 file(s) in an unusual format or mode" in line
+    assert "ants/placeholder.jpg (GIF, P)" in line and "ants/grey.jpg (JPEG, L)" in line
+
+
 def test_missing_root_says_what_to_do(tmp_path: Path):
-    with pytest.raises(LayoutError, match="make run"):
+    """Advice for every kind of user: their own folder, the sample, Kaggle's data."""
+    with pytest.raises(LayoutError) as e:
         ingest(tmp_path / "nope", CsvLayout(), SERIAL)
+    msg = str(e.value)
+    assert "data.raw=/path/to/images" in msg and "make run" in msg and "--env=kaggle" in msg
 
 
 def test_parallel_equals_serial(kaggle_dir: Path):
@@ -189,3 +251,19 @@ def test_large_exif_rotated_image_size(tmp_path: Path):
     (tmp_path / "c" / "r.jpg").write_bytes(jpeg_bytes(gradient_rgb(60, 20), exif=exif.tobytes()))
     manifest, _ = ingest(tmp_path, FolderLayout(), SERIAL)
     assert (manifest["width"].iat[0], manifest["height"].iat[0]) == (20, 60)
+
+
+def test_the_node_logs_each_exclusion_with_its_reason_and_detail_apart(kaggle_dir: Path, caplog):
+    import logging
+
+    import yaml
+
+    from cassava_pipeline.pipelines.ingest.nodes import ingest_images
+    from tests.images import REPO
+
+    params = yaml.safe_load((REPO / "conf" / "base" / "parameters_ingest.yml").read_text())
+    params["ingest"]["workers"] = 1
+    (kaggle_dir / "train_images" / "0000.jpg").write_bytes(b"")
+    caplog.set_level(logging.INFO, logger="cassava_pipeline.pipelines.ingest.nodes")
+    ingest_images(kaggle_dir, params["ingest"])
+    assert "excluded train_images/0000.jpg: empty file (0 bytes)" in caplog.text

@@ -63,3 +63,19 @@ def test_classification_report_names_every_class():
     assert report["CMD"]["recall"] == pytest.approx(2 / 3)
     assert report["Healthy"]["support"] == 1 and report["Healthy"]["precision"] == 0
     assert "macro avg" in report and report["accuracy"] == pytest.approx(0.5)
+
+
+def test_show_batch_is_a_shuffled_batch_not_the_first_class(tmp_path):
+    """The shards hold the images class after class; show_batch draws epoch 0's shuffled order,
+    as fastai's training DataLoader does, so one figure shows several classes."""
+    from cassava_pipeline.vision.data import EpochSampler
+    from cassava_pipeline.vision.plots import augmented_batch
+    from tests.training import AUG, tiny_shards
+
+    train, _ = tiny_shards(tmp_path).split()
+    assert len(set(train.labels[:9].tolist())) == 1  # the manifest's order: one class first
+    stats = type("Stats", (), {"mean": (0.5,) * 3, "std": (0.5,) * 3})()
+    images, labels = augmented_batch(train, AUG, stats, 9, seed=3)
+    order = EpochSampler(len(train), shuffle=True, seed=3).indices()[:9]
+    assert labels == train.labels[order].tolist()
+    assert len(set(labels)) > 1 and len(images) == 9 and images[0].shape == (32, 32, 3)

@@ -135,6 +135,46 @@ def test_same_seed_same_metrics_bit_for_bit(shards):
     assert_same_weights(a.state_dict, b.state_dict)
 
 
+def test_the_progress_bar_changes_no_number(shards, monkeypatch):
+    """runtime.progress is a display setting: with a live bar (as in a terminal) the same seed
+    gives the same weights and history, bit for bit, as without one."""
+    import io
+
+    from cassava_pipeline.vision import learner
+
+    shown = io.StringIO()
+
+    def live_bar(*args, **kwargs):  # tqdm.auto, drawing as it would on a TTY
+        return learner.tqdm(*args, **{**kwargs, "disable": False, "file": shown})
+
+    monkeypatch.setattr(learner, "tqdm", live_bar)
+    quiet = train_in_fabric(initial_checkpoint(), shards, stage(epochs=2, mixup=0.4), CPU)
+    with_bar = train_in_fabric(
+        initial_checkpoint(), shards, stage(epochs=2, mixup=0.4), replace(CPU, progress=True)
+    )
+    assert "frozen 0" in shown.getvalue() or "it/s" in shown.getvalue()  # the bar was drawn
+    pd.testing.assert_frame_equal(history_frame(quiet.history), history_frame(with_bar.history))
+    assert_same_weights(quiet.state_dict, with_bar.state_dict)
+
+
+def test_monitor_last_keeps_the_last_epoch_as_fit_one_cycle(shards, tmp_path: Path):
+    """monitor: last keeps the weights after the last epoch (fastai's fine_tune, no
+    SaveModelCallback) and says which epoch that is; accuracy keeps its best epoch."""
+    from cassava_pipeline.vision.integrity import load_checkpoint
+
+    last = train_in_fabric(
+        initial_checkpoint(), shards, stage(epochs=3, monitor="last"), CPU, checkpoint_dir=tmp_path
+    )
+    assert last.best_epoch == 2
+    assert last.best_metric == last.history[-1]["accuracy"]
+    after_last_epoch = load_checkpoint(tmp_path / "last.pt", todo="")["model"]
+    assert_same_weights(last.state_dict, after_last_epoch)
+    best = train_in_fabric(initial_checkpoint(), shards, stage(epochs=3), CPU)
+    accuracies = [row["accuracy"] for row in best.history]
+    assert best.best_epoch == accuracies.index(max(accuracies))  # the first of the best
+    pd.testing.assert_frame_equal(history_frame(best.history), history_frame(last.history))
+
+
 def test_frozen_stage_leaves_the_body_convolutions_alone(shards):
     start = initial_checkpoint()
     result = train_in_fabric(start, shards, stage(epochs=1, freeze=True, lr=1e-2), CPU)

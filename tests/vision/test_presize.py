@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from dataclasses import replace
 from pathlib import Path
@@ -207,3 +208,26 @@ def test_content_digests_trace_each_change_to_its_part(kaggle_dir: Path, tmp_pat
         "pixels",
         "digest",
     }
+
+
+def test_images_smaller_than_the_presize_are_counted_and_named(kaggle_dir: Path, tmp_path: Path):
+    """A 193x130 photo under a 320 presize is enlarged: the warning counts and names it, and
+    meta.json keeps the list."""
+    from cassava_pipeline.vision.presize import upscaled_lines
+
+    manifest = pd.DataFrame(
+        {"path": ["big.jpg", "small.jpg", "tall.jpg"], "width": [800, 193, 300],
+         "height": [600, 130, 900]}
+    )  # fmt: skip
+    (line,) = upscaled_lines(manifest, 320)
+    assert line.startswith("presize 320: 2 of 3 images have a shorter side under 320 px")
+    assert "small.jpg (193x130); tall.jpg (300x900)" in line and "big.jpg" not in line
+    assert upscaled_lines(manifest, 130) == []
+
+    m, r = ingest(kaggle_dir, CsvLayout(), IngestOptions(workers=1))
+    classes = tuple(c["name"] for c in r["classes"])
+    side = int(np.minimum(m["width"], m["height"]).max())  # every image's shorter side <= it
+    write_shards(PresizeJob(str(kaggle_dir), m, classes, PresizeOptions(size=side + 1, workers=1)),
+                 tmp_path / "s")  # fmt: skip
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["n_upscaled"] == len(m) and len(meta["upscaled"]) == len(m)

@@ -75,9 +75,20 @@ def test_single_image_class_stays_in_training():
     assert report["classes"][1] == {"index": 1, "name": "c1", "train": 1, "valid": 0}
 
 
-def test_conflicting_labels_on_identical_files_are_reported():
-    _, report = split(manifest([0, 1, 0, 1], ["x", "x", "y", "z"]), CLASSES[:2], SplitOptions())
-    assert report["duplicates_with_conflicting_labels"] == [["img/0.jpg", "img/1.jpg"]]
+def test_conflicting_labels_on_identical_files_are_left_out_unless_kept():
+    """The same bytes under two labels: one label is wrong and nobody can tell which, so both
+    copies leave the data by default; keep_conflicting_duplicates keeps them (one side)."""
+    m = manifest([0, 1, 0, 1, 0, 1], ["x", "x", "y", "z", "x", "w"])
+    out, report = split(m, CLASSES[:2], SplitOptions())
+    assert report["duplicates_with_conflicting_labels"] == [["img/0.jpg", "img/1.jpg", "img/4.jpg"]]
+    assert report["conflicting_duplicates_excluded"] == ["img/0.jpg", "img/1.jpg", "img/4.jpg"]
+    assert sorted(out["path"]) == ["img/2.jpg", "img/3.jpg", "img/5.jpg"]
+    assert report["n_train"] + report["n_valid"] == 3
+
+    kept, report = split(m, CLASSES[:2], SplitOptions(keep_conflicting_duplicates=True))
+    assert len(kept) == 6 and report["conflicting_duplicates_excluded"] == []
+    copies = kept[kept["hash"] == "x"]["is_valid"]
+    assert copies.nunique() == 1  # still on one side together
 
 
 def test_bad_valid_pct():

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -62,10 +63,16 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             if im.width * im.height > max_pixels:
                 raise ImageError(
                     "decompression bomb",
-                    f"{im.width}x{im.height} pixels is over the limit of {max_pixels}",
+                    f"{im.width}x{im.height} = {im.width * im.height:,} pixels is over "
+                    f"max_image_pixels ({max_pixels:,})",
                 )
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError("decompression bomb", str(e)) from e
+            # PIL's own message quotes its hard limit, twice max_pixels: say ours
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1)):,} pixels" if found else "its size"
+            raise ImageError(
+                "decompression bomb", f"{size} is over max_image_pixels ({max_pixels:,})"
+            ) from e
         except UnidentifiedImageError as e:
             raise ImageError("not an image", "no image format recognises these bytes") from e
         except ImageError:

@@ -25,6 +25,8 @@ MANIFEST_COLUMNS = [
     "width",  # after EXIF orientation
     "height",
     "hash",  # blake2b-128 of the file's bytes: equal for byte-identical files
+    "format",  # as PIL reads the file (JPEG, PNG, GIF, ...), whatever its extension says
+    "mode",  # PIL's mode before conversion to RGB (RGB, L, RGBA, P, CMYK, I;16, ...)
 ]
 
 
@@ -104,9 +106,16 @@ def build_manifest(
             "width": good["width"].astype("int64"),
             "height": good["height"].astype("int64"),
             "hash": good["hash"].astype(str),
+            "format": good["format"].astype(str),
+            "mode": good["mode"].astype(str),
         },
         columns=MANIFEST_COLUMNS,
     )
+    # The files whose format or mode differs from the data set's usual one (JPEG, RGB for
+    # photos): named, since each is converted to RGB and a stray GIF or 16-bit PNG is worth a look
+    usual_format = manifest["format"].mode().iat[0] if len(manifest) else None
+    usual_mode = manifest["mode"].mode().iat[0] if len(manifest) else None
+    odd = manifest[(manifest["format"] != usual_format) | (manifest["mode"] != usual_mode)]
     n_total = len(cand) + len(listing.rejected)
     dup = int(manifest["hash"].duplicated().sum())
     report = {
@@ -125,8 +134,13 @@ def build_manifest(
         "duplicate_files": dup,
         "modes": dict(Counter(good["mode"]).most_common()),
         "formats": dict(Counter(good["format"]).most_common()),
+        "unusual_files": [
+            {"path": p, "format": f, "mode": m}
+            for p, f, m in zip(odd["path"], odd["format"], odd["mode"], strict=True)
+        ],
         "size": _size_summary(manifest),
         "ignored_hidden_files": list(listing.ignored),
+        "layout_notes": list(listing.notes),
         "excluded": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in excluded],
     }
     return manifest, report
@@ -146,7 +160,13 @@ def _size_summary(manifest: pd.DataFrame) -> dict:
     }
 
 
-def check_exclusions(report: dict, max_excluded_fraction: float, *, show: int = 10) -> None:
+def check_exclusions(
+    report: dict,
+    max_excluded_fraction: float,
+    *,
+    show: int = 10,
+    report_path: str = "the data report",
+) -> None:
     """Raise :class:`IngestError` when more than the allowed fraction of files was excluded."""
     if report["n_images"] == 0:
         raise IngestError(
@@ -161,7 +181,7 @@ def check_exclusions(report: dict, max_excluded_fraction: float, *, show: int = 
             f"({frac:.1%}) were excluded, more than ingest.max_excluded_fraction="
             f"{max_excluded_fraction} allows. By reason: {report['excluded_by_reason']}. "
             + _first_lines(report, show)
-            + " The data report (data/08_reporting/data_report.json) lists every file. Fix or "
+            + f" The data report ({report_path}) lists every file. Fix or "
             "remove those files (or the CSV rows naming them), or raise "
             "ingest.max_excluded_fraction if losing them is acceptable."
         )
@@ -192,3 +212,16 @@ def summarise(report: dict) -> list[str]:
     if report["duplicate_files"]:
         lines.append(f"{report['duplicate_files']} byte-identical duplicate files")
     return lines
+
+
+def unusual_lines(report: dict, show: int = 10) -> list[str]:
+    """Warnings naming the files in a format or mode other than the data set's usual one."""
+    odd = report.get("unusual_files", [])
+    if not odd:
+        return []
+    named = "; ".join(f"{r['path']} ({r['format']}, {r['mode']})" for r in odd[:show])
+    more = f"; and {len(odd) - show:,} more (data report: unusual_files)" if len(odd) > show else ""
+    return [
+        f"{len(odd):,} file(s) in an unusual format or mode, converted to RGB: {named}{more}. "
+        f"Formats: {report['formats']}; modes: {report['modes']}"
+    ]

@@ -26,6 +26,14 @@ import torch
 DIGEST_KEY = "sha256"
 
 
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory (the project) where it lies under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 class IntegrityError(ValueError):
     """A file that cannot be used as it is; the message names it and says what to do."""
 

@@ -45,6 +45,7 @@ class Listing:
     class_ids: tuple[str, ...] = ()  # the source's own label ids (Kaggle's 0..4), if it has any
     has_split: bool = False
     ignored: tuple[str, ...] = field(default=())  # hidden files skipped on purpose
+    notes: tuple[str, ...] = ()  # how the layout was read, for the log and the report
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,22 @@ class CsvLayout:
 
 @dataclass(frozen=True)
 class FolderLayout:
-    """``root/<class>/<file>``, or ``root/train/<class>`` and ``root/valid/<class>``."""
+    """``root/<class>/<file>``, or ``root/train/<class>`` and ``root/valid/<class>``.
+
+    With ``train/`` present, the validation folder is ``valid_folder`` or, when that is absent,
+    the first of :data:`VALID_NAMES` found (``val/``, ``validation/``, ...); a ``test/`` folder is
+    never training data and is left out (said in the log and the report). Top-level folders named
+    like split folders without ``train/`` stop the run: they would otherwise become classes.
+    """
 
     train_folder: str = "train"
     valid_folder: str = "valid"
+
+
+# The usual names of a validation folder (fastai's GrandparentSplitter uses train/ and valid/;
+# torchvision's ImageFolder sets often come as train/ + val/), and of held-out test folders.
+VALID_NAMES = ("valid", "val", "validation", "dev")
+TEST_NAMES = ("test", "testing", "holdout")
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,10 @@ def list_images(root: Path, layout: Layout) -> Listing:
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(
-            f"The raw image folder {root} does not exist. Run `make run` (it generates the "
-            "sample), or unpack the Kaggle data there and use --env=kaggle (see README)."
+            f"The raw image folder {root} does not exist. Your own images: "
+            "--params=data.raw=/path/to/images,ingest.layout=folder (or csv, regex; README, "
+            "'Your own images'). The embedded sample: `make run` generates it. Kaggle's Cassava "
+            "data: unpack it there and use --env=kaggle."
         )
     if isinstance(layout, CsvLayout):
         return _list_csv(root, layout)
@@ -225,10 +240,56 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p))
 
 
+def _split_folders(root: Path, layout: FolderLayout) -> tuple[list, list[str]]:
+    """[(folder, is_valid)] to list, and notes: the split folders when ``root`` has them."""
+    top = {p.name: p for p in _class_folders(root)}
+    lower = {name.lower(): name for name in top}
+    split_like = {layout.train_folder, layout.valid_folder, *VALID_NAMES, *TEST_NAMES}
+    found = sorted(name for name in top if name.lower() in {n.lower() for n in split_like})
+    train = top.get(layout.train_folder) or top.get(lower.get(layout.train_folder.lower(), ""))
+    if train is None:
+        if found:
+            raise LayoutError(
+                f"{root} has top-level folders named like split folders ({', '.join(found)}) "
+                f"but no training folder {layout.train_folder!r}, so they would become classes. "
+                "Set ingest.folder.train_folder (and valid_folder) to your folders' names, or "
+                "point raw_images at the folder that holds one folder per class."
+            )
+        return [(root, None)], []
+    notes = []
+    valid_name = next(
+        (lower[n.lower()] for n in (layout.valid_folder, *VALID_NAMES) if n.lower() in lower),
+        None,
+    )
+    if valid_name is not None and valid_name != layout.valid_folder:
+        notes.append(
+            f"validation folder: {valid_name}/ (ingest.folder.valid_folder "
+            f"{layout.valid_folder!r} is absent; {valid_name!r} is a usual name for it)"
+        )
+    # train/ alone: its items get no side (None), and split makes a random split
+    sides = [(train, False if valid_name else None)]
+    sides += [(top[valid_name], True)] if valid_name else []
+    if valid_name is None:
+        notes.append(
+            f"no validation folder beside {train.name}/ (looked for "
+            f"{', '.join(dict.fromkeys((layout.valid_folder, *VALID_NAMES)))}): split at random"
+        )
+    used = {train.name, valid_name}
+    for name in sorted(top):
+        if name in used:
+            continue
+        why = (
+            "a test folder is not training data"
+            if name.lower() in TEST_NAMES
+            else ("not a split folder; classes live under the split folders")
+        )
+        notes.append(f"left out: {name}/ ({why})")
+    return sides, notes
+
+
 def _list_folders(root: Path, layout: FolderLayout) -> Listing:
-    train, valid = root / layout.train_folder, root / layout.valid_folder
-    has_split = train.is_dir() and valid.is_dir()
-    sides = [(train, False), (valid, True)] if has_split else [(root, None)]
+    sides, notes = _split_folders(root, layout)
+    has_split = any(is_valid for _, is_valid in sides)
     rows, rejected, ignored, names = [], [], [], set()
     for side, is_valid in sides:
         for p in sorted(side.iterdir()):
@@ -257,6 +318,7 @@ def _list_folders(root: Path, layout: FolderLayout) -> Listing:
         (),
         has_split,
         tuple(ignored),
+        tuple(notes),
     )
 
 

@@ -43,6 +43,7 @@ from .integrity import (
     IntegrityError,
     NoDigestError,
     content_sha256,
+    display_path,
     load_checkpoint,
     save_checkpoint,
 )
@@ -94,7 +95,9 @@ class StageConfig:
     eps: float = 1e-5  # fastai's Adam eps
     mixup: float = 0.0  # MixUp alpha; 0 = off
     label_smoothing: float = 0.0  # 0 = plain cross-entropy
-    monitor: str = "accuracy"  # SaveModelCallback's metric: accuracy (max) or valid_loss (min)
+    # SaveModelCallback's metric: the epoch with the best accuracy (max) or valid_loss (min)
+    # is kept; last: the last epoch, as fastai's fit_one_cycle and fine_tune without the callback
+    monitor: str = "accuracy"
     grad_accum: int = 1  # batches per optimizer step
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
@@ -506,13 +509,16 @@ class Trainer:
                 "seconds": time.perf_counter() - t0,
             }
             state["history"].append(row)
-            value = row[cfg.monitor]
-            better = state["best_metric"] is None or (
-                value > state["best_metric"] if maximize else value < state["best_metric"]
-            )
-            if better and not math.isnan(value):
-                state["best_metric"], state["best_epoch"] = value, epoch
-                state["best"] = _cpu(_raw(model).state_dict())
+            if cfg.monitor == "last":  # fit_one_cycle without SaveModelCallback: no copies
+                state["best_metric"], state["best_epoch"] = row["accuracy"], epoch
+            else:
+                value = row[cfg.monitor]
+                better = state["best_metric"] is None or (
+                    value > state["best_metric"] if maximize else value < state["best_metric"]
+                )
+                if better and not math.isnan(value):
+                    state["best_metric"], state["best_epoch"] = value, epoch
+                    state["best"] = _cpu(_raw(model).state_dict())
             state["epoch"] = epoch + 1
             state["smooth"] = [smooth.avg, smooth.count]
             if f.is_global_zero:
@@ -522,15 +528,17 @@ class Trainer:
             if on_epoch is not None and f.is_global_zero:
                 on_epoch(row)
             f.barrier()
-        if state["best"] is None:  # no finite metric (e.g. empty validation): keep the last
+        if state["best"] is None:  # monitor: last, or no finite metric (empty validation)
             state["best"] = _cpu(_raw(model).state_dict())
             state["best_epoch"] = state["epoch"] - 1
         if state["best_epoch"] >= 0 and f.is_global_zero:
             logger.info(
-                "%s: best epoch %d, %s %.6f",
+                "%s: kept epoch %d of %d (monitor: %s), %s %.6f",
                 cfg.name,
                 state["best_epoch"],
+                cfg.epochs,
                 cfg.monitor,
+                "accuracy" if cfg.monitor == "last" else cfg.monitor,
                 state["best_metric"] if state["best_metric"] is not None else math.nan,
             )
         _raw(model).load_state_dict(state["best"])
@@ -673,14 +681,6 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def display_path(path: Path) -> str:
-    """``path`` relative to the working directory (the project) where it lies under it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def _load_sweep(path: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
     """The sweep stored in ``path`` if it is intact and was computed from ``fp``; else None."""
     if not path.exists():
@@ -812,6 +812,16 @@ def _row(r: dict[str, Any]) -> str:
 
 
 def _progress(loader, enabled: bool, desc: str):
+    """The loader's batches, behind a progress bar when ``enabled`` (and stderr is a TTY).
+
+    No display setting may change a result: the loader's iterator is made here, once, as
+    without the bar (``tqdm.auto``'s class calls ``iter()`` on what it wraps, and a second
+    DataLoader iterator draws its base seed from torch's global generator, which dropout then
+    continues from), and the bar is built with that generator's state set aside.
+    """
+    batches = iter(loader)
     if not enabled:
-        return loader
-    return tqdm(loader, desc=desc, leave=False, mininterval=1.0, disable=None)  # off without a TTY
+        return batches
+    with torch.random.fork_rng(devices=[]):
+        return tqdm(batches, total=len(loader), desc=desc, leave=False, mininterval=1.0,
+                    disable=None)  # fmt: skip  # off without a TTY

@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .augment import AugmentOptions, BatchAugment
-from .data import CroppedItems, collate_nhwc
+from .data import CroppedItems, EpochSampler, collate_nhwc
 from .models import Stats
 
 DPI = 100
@@ -132,10 +132,13 @@ def lr_find_figure(
 def augmented_batch(
     images, augment: AugmentOptions, stats: Stats, n: int, seed: int
 ) -> tuple[list[np.ndarray], list[int]]:
-    """fastai's ``show_batch``: the first ``n`` training images as the model sees them
-    (random crop and augmentations of epoch 0), denormalised to uint8 HxWx3, and their labels."""
+    """fastai's ``show_batch``: the first ``n`` images of a shuffled training epoch (epoch 0's
+    order, random crop and augmentations, as the model sees them), denormalised to uint8
+    HxWx3, and their labels. Shuffled, as fastai's training DataLoader: the shards hold the
+    images in the manifest's order, often one class after another."""
     items = CroppedItems(images, train=True, seed=seed)
-    x, labels = collate_nhwc([items[(0, i)] for i in range(min(n, len(images)))])
+    order = EpochSampler(len(images), shuffle=True, seed=seed).indices()[:n]
+    x, labels = collate_nhwc([items[(0, i)] for i in order])
     aug = BatchAugment(augment, stats.mean, stats.std)
     out = aug(x, train=True, generator=torch.Generator().manual_seed(seed))
     mean = torch.tensor(stats.mean).view(1, 3, 1, 1)

@@ -29,6 +29,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,11 @@ from .parallel import chunked, ordered_map, resolve_workers
 from .provenance import digest
 
 SHARD_FORMAT = "cassava-pipeline/shards-v2"  # v2: content digests in meta.json
+# Modules whose code shapes the shards' bytes (by file name, next to this one), and packages
+# whose versions do (the JPEG decoder and encoder, the resize kernel): a shard set is reused
+# only when they are equal too.
+PRESIZE_MODULES = ("presize.py", "images.py")
+PRESIZE_PACKAGES = ("pillow", "numpy", "torch", "torchvision")
 ENCODINGS = ("raw", "jpeg")
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
@@ -126,6 +132,27 @@ def plan_sizes(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
     out["out_height"] = np.array([s[1] for s in sizes], dtype=np.int64)
     out["nbytes"] = out["out_width"] * out["out_height"] * 3
     return out
+
+
+def upscaled(manifest: pd.DataFrame, size: int) -> pd.DataFrame:
+    """The images whose shorter side is under ``size``: presizing enlarges them (path, width,
+    height), which blurs them; worth a warning, as fastai's Resize does it silently."""
+    short = np.minimum(manifest["width"].to_numpy(), manifest["height"].to_numpy())
+    return manifest.loc[short < size, ["path", "width", "height"]].reset_index(drop=True)
+
+
+def upscaled_lines(manifest: pd.DataFrame, size: int, show: int = 10) -> list[str]:
+    """Warnings counting and naming the images ``size`` enlarges."""
+    small = upscaled(manifest, size)
+    if small.empty:
+        return []
+    named = "; ".join(f"{p} ({w}x{h})" for p, w, h in small.head(show).itertuples(index=False))
+    more = f"; and {len(small) - show:,} more (meta.json: upscaled)" if len(small) > show else ""
+    return [
+        f"presize {size}: {len(small):,} of {len(manifest):,} images have a shorter side under "
+        f"{size} px and are enlarged: {named}{more}. A smaller presize (and size) suits them "
+        "better."
+    ]
 
 
 def _assign_shards(nbytes: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +257,48 @@ def content_digests(
         "pixels": digest(list(shard_sha256)),
     }
     return {**parts, "digest": digest(parts)}
+
+
+def job_inputs(job: PresizeJob) -> dict[str, str]:
+    """Digests of everything a shard set's bytes are computed from, in parts: the content parts
+    of :func:`content_digests` but ``pixels`` (split, labels, source images by content hash,
+    presize settings, classes), the shard layout (``shard_mb``), the code of
+    :data:`PRESIZE_MODULES` and the versions of :data:`PRESIZE_PACKAGES`. Equal inputs give
+    byte-identical shards (the output does not depend on the number of workers), so a set
+    written from equal inputs is reused instead of written again."""
+    index = plan_sizes(job.manifest, job.options.size)
+    if "is_valid" not in index:
+        index["is_valid"] = False
+    parts = content_digests(index, tuple(job.classes), job.options, [])
+    del parts["pixels"], parts["digest"]
+    here = Path(__file__).parent
+    code = {m: hashlib.blake2b((here / m).read_bytes(), digest_size=16).hexdigest()
+            for m in PRESIZE_MODULES}  # fmt: skip
+    versions = {}
+    for name in PRESIZE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "none"
+    return {
+        **parts,
+        "layout": digest({"shard_mb": job.options.shard_mb}),
+        "code": digest(code),
+        "packages": digest(versions),
+    }
+
+
+# What a differing part of job_inputs means, in words.
+INPUT_PARTS = {
+    "split": "the split changed",
+    "labels": "labels or files changed",
+    "images": "source images changed",
+    "presize": "presize settings changed",
+    "classes": "classes changed",
+    "layout": "shard_mb changed",
+    "code": "the presize code changed",
+    "packages": "the decoder or resize packages changed",
+}
 
 
 def _raise_errors(errors: list[tuple[str, str]]) -> None:
@@ -344,6 +413,9 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
         ],
         "index_sha256": file_sha256(out_dir / INDEX_FILE),
         "content": content_digests(index, tuple(job.classes), opts, shard_sha256),
+        "inputs": job_inputs(job),
+        "upscaled": upscaled(job.manifest, opts.size).head(100).to_dict("records"),
+        "n_upscaled": len(upscaled(job.manifest, opts.size)),
     }
     meta[DIGEST_KEY] = content_sha256(meta)  # of meta.json itself (every other key)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))

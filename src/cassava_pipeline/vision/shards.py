@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from .integrity import DIGEST_KEY, IntegrityError, content_sha256, verified_file_sha256
-from .presize import INDEX_FILE, META_FILE, SHARD_FORMAT
+from .presize import INDEX_FILE, INPUT_PARTS, META_FILE, SHARD_FORMAT, PresizeJob, job_inputs
 
 PRESIZE_AGAIN = (
     "Presize again: kedro run --pipelines=data (or dvc repro data) rewrites the shard set from "
@@ -70,6 +70,31 @@ def verify_shards(directory: Path, meta: dict) -> None:
     _verify_file(directory / INDEX_FILE, meta["index_sha256"], None)
     for shard in meta["shards"]:
         _verify_file(directory / shard["file"], shard["sha256"], int(shard["bytes"]))
+
+
+def stale_reason(directory: Path, job: PresizeJob) -> str | None:
+    """None when ``directory`` holds the shards ``job`` would write, verified: the same inputs
+    (:func:`.presize.job_inputs`) and every file equal to the sha256 recorded when it was
+    written. Otherwise why it must be written (again), in words."""
+    directory = Path(directory)
+    if not (directory / META_FILE).exists():
+        return "nothing presized yet"
+    try:
+        meta = read_meta(directory)
+    except IntegrityError as e:
+        return f"{META_FILE} failed its check ({e.problem})"
+    saved = meta.get("inputs")
+    if not isinstance(saved, dict):
+        return "written by an older version (no record of its inputs)"
+    current = job_inputs(job)
+    changed = [INPUT_PARTS.get(k, k) for k in current if saved.get(k) != current[k]]
+    if changed:
+        return ", ".join(changed)
+    try:
+        verify_shards(directory, meta)
+    except IntegrityError as e:
+        return f"{Path(e.path).name} failed its check ({e.problem})"
+    return None
 
 
 class ShardedImages:

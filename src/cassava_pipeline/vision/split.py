@@ -2,7 +2,8 @@
 
 Either the layout's own split (``is_valid``), or a stratified random split with a seed and
 ``valid_pct``. Byte-identical files (same ``hash``) always land on the same side, so a duplicate
-can never leak a validation image into training.
+can never leak a validation image into training. Byte-identical files with different labels are
+left out altogether unless ``keep_conflicting_duplicates``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class SplitOptions:
     valid_pct: float = 0.2  # fastai's RandomSplitter default
     seed: int = 42
     use_layout_split: bool = True  # use is_val / train+valid folders when the layout has them
+    # Byte-identical files with different labels: at least one label is wrong, and which one
+    # cannot be told; by default every copy is left out (of both sides), True keeps them.
+    keep_conflicting_duplicates: bool = False
 
 
 def split(
@@ -33,13 +37,18 @@ def split(
     if not 0.0 <= options.valid_pct < 1.0:
         raise SplitError(f"split.valid_pct must be in [0, 1), got {options.valid_pct}")
     df = manifest.reset_index(drop=True).copy()
+    conflicting = _conflicting_label_groups(df, pd.factorize(df["hash"])[0])
+    dropped = sorted(p for g in conflicting for p in g)
+    if options.keep_conflicting_duplicates:
+        dropped = []
+    if dropped:
+        df = df[~df["path"].isin(dropped)].reset_index(drop=True)
     given = df["is_valid"]
     use_layout = options.use_layout_split and len(df) and not given.isna().any()
     # Group byte-identical files: one group id per distinct hash, in first-seen order.
     group = pd.factorize(df["hash"])[0]
     n_groups = int(group.max()) + 1 if len(df) else 0
     dup_groups = int((np.bincount(group, minlength=n_groups) > 1).sum()) if len(df) else 0
-    conflicting = _conflicting_label_groups(df, group)
 
     if use_layout:
         is_valid = given.astype(bool).to_numpy().copy()
@@ -56,6 +65,7 @@ def split(
 
     df["is_valid"] = is_valid
     report = _report(df, classes, method, options, dup_groups, moved, conflicting)
+    report["conflicting_duplicates_excluded"] = dropped
     missing = [c["name"] for c in report["classes"] if c["train"] == 0]
     if missing:
         raise SplitError(

@@ -144,6 +144,10 @@ def test_stages_switched_off_pass_their_checkpoint_on(kaggle_dir: Path, params, 
         params["unfrozen"]["train"]["lr"] = [1e-5, 1e-3]
     if case == "unfrozen_from_the_start":  # ... unless asked for its plot alone
         params["lr_find"]["always"] = True
+    if case == "fine_tune":  # fastai's: frozen at slice(base_lr), the last epoch kept
+        params["frozen"]["train"]["lr"] = [2e-3]
+        params["unfrozen"]["train"]["monitor"] = "last"
+        params["lr_find"]["always"] = True
     catalog = make_catalog(kaggle_dir, params, tmp_path / "out")
     SequentialRunner().run(register_pipelines()["cassava"], catalog)
 
@@ -168,6 +172,8 @@ def test_stages_switched_off_pass_their_checkpoint_on(kaggle_dir: Path, params, 
         assert "skipped" not in sweep and len(sweep["lrs"]) > 2
     metrics = catalog["metrics"].load()
     assert metrics["stage"] == final and metrics["skipped"] == list(off)
+    if case == "fine_tune":  # which epoch the final weights are, and why
+        assert (metrics["kept_epoch"], metrics["monitor"]) == (0, "last")
     assert 0 <= metrics["with_tta"]["accuracy"] <= 1 and metrics["plain"]["n"] == 3
     card = catalog["exported_model"].load().card
     assert card.stage == final and card.extra["skipped"] == list(off)

@@ -81,6 +81,10 @@ def evaluate(
     result = {
         "stage": checkpoint["stage"],  # the stage the final weights come from
         "skipped": list(checkpoint.get("skipped", [])),
+        # which of that stage's epochs the weights are (0-based): the best by `monitor`, or the
+        # last one with monitor: last
+        "kept_epoch": checkpoint.get("best_epoch"),
+        "monitor": checkpoint.get("monitor"),
         "image_size": cfg.augment.size,
         "tta": {"n": options.n, "beta": options.beta, "use_max": options.use_max},
         "plain": classification_metrics(out["plain"], out["targets"], classes),
@@ -107,6 +111,8 @@ def evaluate(
         for kind, prefix in (("plain", ""), ("with_tta", "tta_"))
         for name in ("accuracy", "error_rate", "cross_entropy", "balanced_accuracy")
     }
+    if checkpoint.get("best_epoch") is not None:
+        tracked["kept_epoch"] = {"value": float(checkpoint["best_epoch"]), "step": step}
     return result, predictions, tracked
 
 

@@ -8,7 +8,13 @@ from typing import Any
 
 import pandas as pd
 
-from cassava_pipeline.vision.ingest import IngestOptions, check_exclusions, ingest, summarise
+from cassava_pipeline.vision.ingest import (
+    IngestOptions,
+    check_exclusions,
+    ingest,
+    summarise,
+    unusual_lines,
+)
 from cassava_pipeline.vision.layouts import layout_from_params
 from cassava_pipeline.vision.split import SplitOptions, split
 
@@ -23,10 +29,16 @@ def ingest_images(raw_images: Path, params: dict[str, Any]) -> tuple[pd.DataFram
         chunk_size=int(params["chunk_size"]),
     )
     manifest, report = ingest(raw_images, layout_from_params(params), options)
+    for note in report["layout_notes"]:
+        # how the folders were read: a recognised validation folder is news, the rest a warning
+        (logger.info if note.startswith("validation folder") else logger.warning)(note)
     for line in summarise(report):
         logger.info(line)
+    for line in unusual_lines(report):
+        logger.warning(line)
     for row in report["excluded"][:10]:
-        logger.warning("excluded %s: %s %s", row["path"], row["reason"], row["detail"])
+        detail = f" ({row['detail']})" if row["detail"] else ""
+        logger.warning("excluded %s: %s%s", row["path"], row["reason"], detail)
     return manifest, report
 
 
@@ -37,7 +49,11 @@ def check_ingest(
 
     A node of its own so that the data report is already saved when the run stops.
     """
-    check_exclusions(data_report, float(params["max_excluded_fraction"]))
+    check_exclusions(
+        data_report,
+        float(params["max_excluded_fraction"]),
+        report_path=str(params.get("report_path", "the data report")),
+    )
     return candidates
 
 
@@ -49,6 +65,7 @@ def split_manifest(
         valid_pct=float(params["valid_pct"]),
         seed=int(params["seed"]),
         use_layout_split=bool(params["use_layout_split"]),
+        keep_conflicting_duplicates=bool(params.get("keep_conflicting_duplicates", False)),
     )
     classes = [c["name"] for c in data_report["classes"]]
     result, report = split(manifest, classes, options)
@@ -62,4 +79,17 @@ def split_manifest(
     )
     for c in report["classes"]:
         logger.info("  %-40s train %5d  valid %5d", c["name"], c["train"], c["valid"])
+    groups = report["duplicates_with_conflicting_labels"]
+    if groups:
+        kept = not report["conflicting_duplicates_excluded"]
+        logger.warning(
+            "%d group(s) of byte-identical files carry different labels (at least one label is "
+            "wrong): %s. %s",
+            len(groups),
+            "; ".join(" = ".join(g) for g in groups[:10]) + (" ..." if len(groups) > 10 else ""),
+            "Kept, as split.keep_conflicting_duplicates asks."
+            if kept
+            else "Every copy is left out of training and validation; fix the labels, or set "
+            "split.keep_conflicting_duplicates: true to keep them.",
+        )
     return result, report

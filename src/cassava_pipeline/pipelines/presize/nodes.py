@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions
+from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions, upscaled_lines
+
+logger = logging.getLogger(__name__)
 
 
 def presize_images(
@@ -24,6 +27,8 @@ def presize_images(
         encoding=str(params["encoding"]),
         jpeg_quality=int(params["jpeg_quality"]),
     )
+    for line in upscaled_lines(split_manifest, options.size):
+        logger.warning(line)
     classes = tuple(c["name"] for c in data_report["classes"])
     return PresizeJob(
         root=str(raw_images), manifest=split_manifest, classes=classes, options=options
