@@ -6,9 +6,9 @@ import copy
 from pathlib import Path
 
 import pytest
-from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 
+from cassava_pipeline.config import ProjectConfigLoader
 from cassava_pipeline.datasets import (
     CheckpointDataset,
     ExportedModelDataset,
@@ -21,8 +21,8 @@ from tests.images import REPO
 
 @pytest.fixture(scope="session")
 def base_params() -> dict:
-    """conf/base parameters, as kedro loads them."""
-    loader = OmegaConfigLoader(str(REPO / "conf"), base_env="base", default_run_env="base")
+    """conf/base parameters, as kedro loads them (the project's loader: ``${env_folder:}``)."""
+    loader = ProjectConfigLoader(str(REPO / "conf"), base_env="base", default_run_env="base")
     return loader["parameters"]
 
 
