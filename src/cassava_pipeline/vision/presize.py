@@ -29,7 +29,6 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, decode_rgb_sized, read_bytes
 from .integrity import DIGEST_KEY, content_sha256, file_sha256
 from .parallel import chunked, ordered_map, resolve_workers
-from .provenance import digest
+from .provenance import digest, module_digests, versions
 
 SHARD_FORMAT = "cassava-pipeline/shards-v2"  # v2: content digests in meta.json
 # Modules whose code shapes the shards' bytes (by file name, next to this one), and packages
@@ -271,20 +270,11 @@ def job_inputs(job: PresizeJob) -> dict[str, str]:
         index["is_valid"] = False
     parts = content_digests(index, tuple(job.classes), job.options, [])
     del parts["pixels"], parts["digest"]
-    here = Path(__file__).parent
-    code = {m: hashlib.blake2b((here / m).read_bytes(), digest_size=16).hexdigest()
-            for m in PRESIZE_MODULES}  # fmt: skip
-    versions = {}
-    for name in PRESIZE_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "none"
     return {
         **parts,
         "layout": digest({"shard_mb": job.options.shard_mb}),
-        "code": digest(code),
-        "packages": digest(versions),
+        "code": digest(module_digests(PRESIZE_MODULES)),
+        "packages": digest(versions(PRESIZE_PACKAGES)),
     }
 
 
@@ -399,6 +389,7 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
         index[col] = index[col].astype(np.int64)
     index.to_parquet(out_dir / INDEX_FILE, index=False)
     shard_bytes = (index["offset"] + index["nbytes"]).groupby(index["shard"]).max()
+    small = upscaled(job.manifest, opts.size)
     meta = {
         "format": SHARD_FORMAT,
         "encoding": opts.encoding,
@@ -414,8 +405,8 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
         "index_sha256": file_sha256(out_dir / INDEX_FILE),
         "content": content_digests(index, tuple(job.classes), opts, shard_sha256),
         "inputs": job_inputs(job),
-        "upscaled": upscaled(job.manifest, opts.size).head(100).to_dict("records"),
-        "n_upscaled": len(upscaled(job.manifest, opts.size)),
+        "upscaled": small.head(100).to_dict("records"),  # the first 100, with their sizes
+        "n_upscaled": len(small),
     }
     meta[DIGEST_KEY] = content_sha256(meta)  # of meta.json itself (every other key)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))

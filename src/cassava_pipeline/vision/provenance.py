@@ -80,26 +80,36 @@ def stage_seed(seed: int, name: str) -> int:
     return int.from_bytes(h, "little") % (2**31 - 1)
 
 
-@cache
-def code_digests() -> dict[str, str]:
-    """blake2b-128 of the source of each module in :data:`TRAINING_MODULES`."""
+def module_digests(names: tuple[str, ...]) -> dict[str, str]:
+    """blake2b-128 of the source of each module of ``vision`` named (by file name)."""
     here = Path(__file__).parent
     return {
         name: hashlib.blake2b((here / name).read_bytes(), digest_size=16).hexdigest()
-        for name in TRAINING_MODULES
+        for name in names
     }
 
 
-@cache
-def package_versions() -> dict[str, str]:
-    """Installed versions of :data:`TRAINING_PACKAGES` (``none`` where one is absent)."""
+def versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the packages named (``none`` where one is absent)."""
     out = {}
-    for name in TRAINING_PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "none"
     return out
+
+
+@cache
+def code_digests() -> dict[str, str]:
+    """blake2b-128 of the source of each module in :data:`TRAINING_MODULES`."""
+    return module_digests(TRAINING_MODULES)
+
+
+@cache
+def package_versions() -> dict[str, str]:
+    """Installed versions of :data:`TRAINING_PACKAGES` (``none`` where one is absent)."""
+    return versions(TRAINING_PACKAGES)
 
 
 def fingerprint(
