@@ -241,7 +241,7 @@ def kedro_data(root: Path) -> dict:
         "",
     )  # fmt: skip
     out["reused"] = [line.split("presize ", 1)[1].split(":")[0] for line in out["log"].splitlines()
-                     if "reusing it" in line]  # fmt: skip
+                     if "kept as it is" in line]  # fmt: skip
     return out
 
 

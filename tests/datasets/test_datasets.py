@@ -71,7 +71,7 @@ def test_shards_written_from_the_same_inputs_are_reused(kaggle_dir: Path, tmp_pa
 
     ds.save(_job(kaggle_dir, 16))  # a fresh ingest and split of the same files: equal inputs
     assert _files(out) == first
-    assert "reusing it" in caplog.text
+    assert "(every shard verified); kept as it is" in caplog.text
 
     relabelled = job.manifest.copy()
     relabelled.loc[0, "label"] = (int(relabelled.loc[0, "label"]) + 1) % len(job.classes)

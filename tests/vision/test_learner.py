@@ -143,9 +143,10 @@ def test_the_progress_bar_changes_no_number(shards, monkeypatch):
     from cassava_pipeline.vision import learner
 
     shown = io.StringIO()
+    tqdm = learner.tqdm
 
     def live_bar(*args, **kwargs):  # tqdm.auto, drawing as it would on a TTY
-        return learner.tqdm(*args, **{**kwargs, "disable": False, "file": shown})
+        return tqdm(*args, **{**kwargs, "disable": False, "file": shown})
 
     monkeypatch.setattr(learner, "tqdm", live_bar)
     quiet = train_in_fabric(initial_checkpoint(), shards, stage(epochs=2, mixup=0.4), CPU)

@@ -49,7 +49,7 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         if reason is None:
             logger.info(
                 "presize %d: %s holds these images presized with these settings and code "
-                "(every shard verified); reusing it",
+                "(every shard verified); kept as it is",
                 data.options.size,
                 where,
             )
