@@ -60,7 +60,7 @@ class CsvLayoutParams(Block):
 
 
 class FolderLayoutParams(Block):
-    train_folder: str
+    train_folder: str | None  # null: a folder per class at the top, never split folders
     valid_folder: str
 
 

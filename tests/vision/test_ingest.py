@@ -163,6 +163,9 @@ def test_split_folders_without_train_stop_the_run(tmp_path: Path):
         write_jpeg(tmp_path / side / "ants" / "a.jpg")
     with pytest.raises(LayoutError, match=r"named like split folders \(test, val\).*train_folder"):
         ingest(tmp_path, FolderLayout(), SERIAL)
+    # ... unless they are classes indeed: train_folder null reads the top level as classes
+    manifest, report = ingest(tmp_path, FolderLayout(train_folder=None), SERIAL)
+    assert [c["name"] for c in report["classes"]] == ["test", "val"] and len(manifest) == 2
 
 
 def test_folder_layout_flat(tmp_path: Path):

@@ -70,7 +70,7 @@ class FolderLayout:
     like split folders without ``train/`` stop the run: they would otherwise become classes.
     """
 
-    train_folder: str = "train"
+    train_folder: str | None = "train"  # None: one folder per class at the top, never split
     valid_folder: str = "valid"
 
 
@@ -242,6 +242,8 @@ def _class_folders(folder: Path) -> list[Path]:
 
 def _split_folders(root: Path, layout: FolderLayout) -> tuple[list, list[str]]:
     """[(folder, is_valid)] to list, and notes: the split folders when ``root`` has them."""
+    if layout.train_folder is None:  # the top-level folders are the classes, whatever their names
+        return [(root, None)], []
     top = {p.name: p for p in _class_folders(root)}
     lower = {name.lower(): name for name in top}
     split_like = {layout.train_folder, layout.valid_folder, *VALID_NAMES, *TEST_NAMES}
@@ -252,8 +254,9 @@ def _split_folders(root: Path, layout: FolderLayout) -> tuple[list, list[str]]:
             raise LayoutError(
                 f"{root} has top-level folders named like split folders ({', '.join(found)}) "
                 f"but no training folder {layout.train_folder!r}, so they would become classes. "
-                "Set ingest.folder.train_folder (and valid_folder) to your folders' names, or "
-                "point raw_images at the folder that holds one folder per class."
+                "Set ingest.folder.train_folder (and valid_folder) to your folders' names; or, "
+                "if these folders are classes, set ingest.folder.train_folder: null (in "
+                "conf/<env>/parameters.yml)."
             )
         return [(root, None)], []
     notes = []
