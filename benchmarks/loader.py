@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,8 +56,21 @@ def presize(data: Path, out: Path, size: int) -> tuple[ShardedImages, float]:
     return ShardedImages(out), time.perf_counter() - t
 
 
-def ours(shards: ShardedImages, size: int, batch_size: int, workers: int) -> tuple[float, int]:
+def ours(
+    shards: ShardedImages,
+    size: int,
+    batch_size: int,
+    workers: int,
+    *,
+    augment: bool = True,
+    limit: int | None = None,
+) -> tuple[float, int]:
+    """(seconds, images) of one pass of our training loader over ``shards``' training side (a
+    seeded random ``limit`` of it): read, crop, collate, and ``BatchAugment`` when ``augment``
+    (benchmarks/scale.py times it without: on a GPU the augmentation runs on the GPU)."""
     train, _ = shards.split()
+    if limit is not None and limit < len(train):
+        train = train.subset(np.random.default_rng(0).permutation(len(train))[:limit])
     cfg = StageConfig(
         name="bench",
         epochs=1,
@@ -70,12 +84,12 @@ def ours(shards: ShardedImages, size: int, batch_size: int, workers: int) -> tup
     stats = type("Stats", (), {"mean": MEAN, "std": STD})()
     trainer = Trainer(fabric, torch.nn.Identity(), stats, progress=False)
     loader, _ = trainer.loaders(train, train, cfg)
-    augment = BatchAugment(cfg.augment, MEAN, STD)
+    aug = BatchAugment(cfg.augment, MEAN, STD)
     gen = torch.Generator().manual_seed(0)
     n = 0
     t = time.perf_counter()
     for images, _ in loader:
-        x = augment(images, train=True, generator=gen)
+        x = aug(images, train=True, generator=gen) if augment else images
         n += x.shape[0]
     return time.perf_counter() - t, n
 

@@ -308,40 +308,10 @@ def loader_rate(
     shards, size: int, batch_size: int, workers: int, augment: bool, limit: int | None
 ) -> dict:
     """Images/s our training loader delivers from ``shards`` (read, decode, random crop,
-    collate), with ``BatchAugment``'s resample to ``size`` when ``augment``."""
-    import numpy as np
-    import torch
+    collate), with ``BatchAugment``'s resample to ``size`` when ``augment``: loader.py's pass."""
+    from loader import ours
 
-    from cassava_pipeline.vision.augment import AugmentOptions, BatchAugment
-    from cassava_pipeline.vision.data import LoaderOptions
-    from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig, Trainer
-    from cassava_pipeline.vision.run import make_fabric
-    from cassava_pipeline.vision.schedule import OneCycle
-
-    train, _ = shards.split()
-    if limit is not None and limit < len(train):
-        train = train.subset(np.random.default_rng(0).permutation(len(train))[:limit])
-    cfg = StageConfig(
-        name="scale",
-        epochs=1,
-        lr=1e-3,
-        freeze=False,
-        augment=AugmentOptions(size=size, min_scale=0.75),
-        cycle=OneCycle(),
-        loader=LoaderOptions(batch_size=batch_size, num_workers=workers),
-    )
-    fabric = make_fabric(RuntimeConfig(accelerator="cpu", progress=False))
-    stats = type("Stats", (), {"mean": (0.5,) * 3, "std": (0.5,) * 3})()
-    trainer = Trainer(fabric, torch.nn.Identity(), stats, progress=False)
-    loader, _ = trainer.loaders(train, train, cfg)
-    aug = BatchAugment(cfg.augment, stats.mean, stats.std)
-    gen = torch.Generator().manual_seed(0)
-    n = 0
-    t0 = time.perf_counter()
-    for images, _ in loader:
-        x = aug(images, train=True, generator=gen) if augment else images
-        n += x.shape[0]
-    seconds = time.perf_counter() - t0
+    seconds, n = ours(shards, size, batch_size, workers, augment=augment, limit=limit)
     return {"images": n, "seconds": seconds, "per_s": n / seconds}
 
 
