@@ -19,6 +19,14 @@ The two arms, each in its fastest correct configuration on this machine:
   it (ingest, split, presize, lr_find, the three stages, TTA evaluation, interpretation, figures,
   the exported model, MLflow tracking), every seed in the same temporary project.
 
+The same allocator on every side: glibc's malloc with the settings of
+``cassava_pipeline.vision.allocator`` (the mmap threshold at its largest, freed memory kept for
+reuse). Ours sets them itself (``runtime.malloc: tuned``, its default); this script makes the
+same ``mallopt`` calls first thing in fastai's process, the probe's and the floor's, so that
+the comparison is of the code, not of the allocator: left at glibc's defaults, a training step
+page-faults its activations in again each time, which costs a third of the time on this CPU
+(RESULTS.md) whichever library runs the step.
+
 The same work on both sides: the same architecture and packaged ImageNet weights
 (tf_efficientnet_lite0 with fastai's head, built by ``vision.models.create_model`` with the same
 seed), the same two parameter groups, presize (fastai: ``Resize(presize)`` item transform;
@@ -389,6 +397,10 @@ def run_model_only(data: Path, seed: int, r: dict, work: Path, workers: int) -> 
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from cassava_pipeline.vision.allocator import tune_malloc
+
+    if args.child != "ours":  # ours' kedro run sets them itself (runtime.malloc: tuned)
+        tune_malloc()
     torch.set_num_threads(os.cpu_count() or 1)
     r = json.loads(args.recipe)
     work = Path(args.work)

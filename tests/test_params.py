@@ -86,6 +86,7 @@ BAD = [  # (key, value, the line the error must hold)
     ("ingest.regex.pattern", "[a-z]+.jpg", "needs a group, (...), that captures the class name"),
     ("tta.beta", 2, "tta.beta = 2: Input should be less than or equal to 1"),
     ("runtime.precision", "16-mixed", "precision 16-mixed needs CUDA"),
+    ("runtime.malloc", "jemalloc", "runtime.malloc = 'jemalloc': Input should be 'tuned' or"),
     ("large.presize.encoding", "png", "Input should be 'raw' or 'jpeg'"),
     ("frozen.train.augment.max_zoom", 0.5, "max_zoom (0.5) is below min_zoom (1.0)"),
     ("frozen.train.optimizer_state", "keep", "Input should be 'fastai' or 'reset'"),

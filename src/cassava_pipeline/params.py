@@ -179,6 +179,7 @@ class RuntimeParams(Block):
     strategy: str
     precision: Precision
     progress: bool
+    malloc: Literal["tuned", "default"] = "tuned"
 
     @model_validator(mode="after")
     def _half_needs_cuda(self) -> RuntimeParams:

@@ -108,3 +108,29 @@ def test_random_resized_crop_is_drawn_per_batch_as_fastai_or_per_image():
     assert len({tuple(m.flatten().tolist()) for m in per_image}) == 6
     with pytest.raises(ValueError, match=r"augment\.crop"):
         affine_matrices(2, AugmentOptions(size=8, crop="image", **still), g, "cpu")
+
+
+def test_sampling_grid_is_the_affine_grid_then_fastais_warp():
+    """The one-pass grid equals ``F.affine_grid`` followed by the perspective warp applied to
+    its coordinates with a batched matmul (fastai's ``apply_perspective``), for both corner
+    conventions and non-square inputs."""
+
+    from cassava_pipeline.vision.augment import (
+        affine_matrices,
+        sampling_grid,
+        warp_homographies,
+    )
+
+    for seed in range(4):
+        for align in (True, False):
+            opts = AugmentOptions(size=24, min_scale=0.75, align_corners=align)
+            g = torch.Generator().manual_seed(seed)
+            mats = affine_matrices(5, opts, g, "cpu")
+            warp = warp_homographies(5, opts, g, "cpu")
+            affine = F.affine_grid(mats[:, :2], [5, 3, 24, 24], align_corners=align)
+            pts = torch.cat([affine.reshape(5, -1, 2), torch.ones(5, 24 * 24, 1)], -1)
+            out = pts @ warp.transpose(1, 2)
+            reference = (out[..., :2] / out[..., 2:]).view(5, 24, 24, 2)
+            assert torch.allclose(sampling_grid(mats, 24, align, warp), reference, atol=2e-6)
+            assert torch.allclose(sampling_grid(mats, 24, align), affine, atol=2e-6)
+            assert not torch.equal(reference, affine)  # the warp moved the points

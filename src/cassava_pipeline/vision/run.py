@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning_fabric import Fabric
 
+from . import allocator
 from .dist import broadcast_from_zero, ensure_process_group, launched_by_torchrun, rank
 from .learner import RuntimeConfig, StageConfig, StageResult, Trainer
 from .models import Stats, create_model
@@ -64,7 +65,10 @@ def make_fabric(runtime: RuntimeConfig):
     )
 
 
-def _threads(fabric) -> None:
+def _prepare_process(fabric, runtime: RuntimeConfig) -> None:
+    """What each training process sets before its first tensor: glibc's malloc settings
+    (``runtime.malloc``) and, for several processes on one CPU, their share of its cores."""
+    allocator.apply(runtime.malloc)
     if fabric.device.type == "cpu" and fabric.world_size > 1:
         local = max(1, fabric.world_size // max(1, getattr(fabric, "num_nodes", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -74,7 +78,7 @@ def _train(
     fabric, *, checkpoint, shards, cfg, runtime, checkpoint_dir, result_path, on_epoch
 ) -> StageResult | None:
     carried = checkpoint.get("optimizer")  # the previous stage's AdamW state, if it kept one
-    _threads(fabric)
+    _prepare_process(fabric, runtime)
     model, stats = model_from_checkpoint(checkpoint)
     train, valid = shards.split()
     trainer = Trainer(fabric, model, stats, progress=runtime.progress)
@@ -134,7 +138,7 @@ def train_in_fabric(
 
 
 def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime, cache_file) -> dict[str, Any]:
-    _threads(fabric)
+    _prepare_process(fabric, runtime)
     model, stats = model_from_checkpoint(checkpoint)
     train, _ = shards.split()
     trainer = Trainer(fabric, model, stats, progress=runtime.progress)

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from cassava_pipeline.pipelines.train.nodes import final_stage_config, stage_config
+from cassava_pipeline.vision import allocator
 from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.interpret import (
     classification_report,
@@ -66,6 +67,7 @@ def evaluate(
         )
     cfg = final_stage_config("evaluate", stage_params, checkpoint)
     options = TtaOptions(**tta_params)
+    allocator.apply(runtime_params.get("malloc", "tuned"))
     model, stats = model_from_checkpoint(checkpoint)
     _, valid = presized_images.split()
     out = tta(
