@@ -34,6 +34,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from cassava_pipeline.fallback import (
     FALLBACK_FOR,
@@ -548,13 +549,46 @@ class KedroMlflowHooks:
             active = mlflow.active_run()
             run_id = getattr(self._inner, "run_id", None)
             if active is None or run_id is None or active.info.run_id != run_id:
-                self._inner.before_node_run(node, catalog, inputs, is_async)
+                self._in_one_batch(
+                    lambda: self._inner.before_node_run(node, catalog, inputs, is_async)
+                )
                 return
             self._inner.run_id = None  # kedro-mlflow reopens the run only when it has an id
             try:
-                self._inner.before_node_run(node, catalog, inputs, is_async)
+                self._in_one_batch(
+                    lambda: self._inner.before_node_run(node, catalog, inputs, is_async)
+                )
             finally:
                 self._inner.run_id = run_id
+
+    def _in_one_batch(self, call) -> None:
+        """``call`` with the parameters kedro-mlflow logs sent as one ``log_params`` (MLflow's
+        log_batch) instead of one request each: the demo's nodes take 453 parameters, 0.8 s one
+        by one against the local store and a round trip each against a server. Values too long
+        for MLflow still go through kedro-mlflow's own ``long_params_strategy``."""
+        original = getattr(self._inner, "_log_param", None)
+        if original is None:
+            call()
+            return
+        batch: dict[str, Any] = {}
+
+        def collect(name: str, value: Any) -> None:
+            if len(str(value)) <= MAX_PARAM_VAL_LENGTH:
+                batch[name] = value
+            else:
+                original(name, value)
+
+        own = "_log_param" in vars(self._inner)  # kedro-mlflow's is the class's method
+        self._inner._log_param = collect
+        try:
+            call()
+        finally:
+            if own:
+                self._inner._log_param = original
+            else:
+                del self._inner._log_param
+        if batch:
+            mlflow.log_params(batch)
 
     @hook_impl
     def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
