@@ -252,3 +252,36 @@ def test_sync_command_without_a_server(tmp_path, monkeypatch, capsys):
     local.set_terminated(run.info.run_id)
     assert main(["sync", "--to", "http://127.0.0.1:9", "--local", store]) == 1  # server down
     assert "1 run(s) wait" in capsys.readouterr().err
+
+
+def test_a_nodes_parameters_go_to_mlflow_in_one_batch(store, monkeypatch):
+    """kedro-mlflow's per-node parameters through ``KedroMlflowHooks``: one ``log_params`` call
+    for the node, the same values as one by one, and a value too long for MLflow handled by
+    kedro-mlflow's own strategy (here: a tag)."""
+    from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from cassava_pipeline.hooks import KedroMlflowHooks
+
+    _, exp = store
+    inner = MlflowHook()
+    inner.flatten, inner.long_params_strategy = True, "tag"
+    hooks = KedroMlflowHooks(inner)
+    calls = []
+    real = mlflow.log_params
+    monkeypatch.setattr(mlflow, "log_params", lambda p: calls.append(dict(p)) or real(p))
+    long = "x" * (MAX_PARAM_VAL_LENGTH + 1)
+    inputs = {
+        "params:train": {"epochs": 3, "loader": {"batch_size": 32}, "lr": [1e-5, 1e-3]},
+        "params:note": long,
+        "checkpoint": object(),  # not a parameter
+    }
+    with mlflow.start_run(experiment_id=exp) as run:
+        inner.run_id = run.info.run_id
+        hooks._before_node_run(None, None, inputs, False)
+    assert calls == [{"train.epochs": 3, "train.loader.batch_size": 32, "train.lr": [1e-5, 1e-3]}]
+    data = MlflowClient().get_run(run.info.run_id).data
+    assert data.params == {"train.epochs": "3", "train.loader.batch_size": "32",
+                           "train.lr": "[1e-05, 0.001]"}  # fmt: skip
+    assert data.tags["note"] == long
+    assert "_log_param" not in vars(inner)  # kedro-mlflow's own method again
