@@ -66,7 +66,7 @@ def make_fabric(runtime: RuntimeConfig):
 
 
 def _prepare_process(fabric, runtime: RuntimeConfig) -> None:
-    """What each training process sets before its first tensor: glibc's malloc settings
+    """What each training process sets before it trains: glibc's malloc settings
     (``runtime.malloc``) and, for several processes on one CPU, their share of its cores."""
     allocator.apply(runtime.malloc)
     if fabric.device.type == "cpu" and fabric.world_size > 1:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from cassava_pipeline.vision import allocator
 from cassava_pipeline.vision.export import ExportedModel
 from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.run import inference_device
@@ -30,6 +31,7 @@ def predict_images(
     """
     names = list_folder(images_root)
     options = TtaOptions(**tta_params) if params["tta"] else None
+    allocator.apply(runtime_params.get("malloc", "tuned"))
     classifier = Classifier(model, device=inference_device(runtime_params["accelerator"]))
     out = classifier.predict(
         [images_root / n for n in names],
