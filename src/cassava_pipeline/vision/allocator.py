@@ -39,6 +39,7 @@ SETTINGS = {
 }
 
 MODES = ("tuned", "default")
+DEFAULT_MODE = "tuned"  # runtime.malloc when a parameter file leaves it out
 
 
 @functools.cache

@@ -164,16 +164,15 @@ def sampling_grid(
         lin = lin * (size - 1) / size
     xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
 
-    def rows(m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def rows(m: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:  # the first k rows' maps
         r = m.reshape(n, 9, 1, 1)
-        return tuple(r[:, i] * xs + r[:, i + 1] * ys + r[:, i + 2] for i in (0, 3, 6))
+        return tuple(r[:, i] * xs + r[:, i + 1] * ys + r[:, i + 2] for i in (0, 3, 6)[:k])
 
     if warp is not None:
-        x, y, w = rows(warp @ mats)
+        x, y, w = rows(warp @ mats, 3)
         if not (w == 0).any():
             return torch.stack([x / w, y / w], -1)
-    x, y, _ = rows(mats)
-    return torch.stack([x, y], -1)
+    return torch.stack(rows(mats, 2), -1)
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:

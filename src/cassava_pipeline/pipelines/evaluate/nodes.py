@@ -67,7 +67,7 @@ def evaluate(
         )
     cfg = final_stage_config("evaluate", stage_params, checkpoint)
     options = TtaOptions(**tta_params)
-    allocator.apply(runtime_params.get("malloc", "tuned"))
+    allocator.apply(runtime_params.get("malloc", allocator.DEFAULT_MODE))
     model, stats = model_from_checkpoint(checkpoint)
     _, valid = presized_images.split()
     out = tta(

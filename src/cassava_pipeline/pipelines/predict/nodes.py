@@ -31,7 +31,7 @@ def predict_images(
     """
     names = list_folder(images_root)
     options = TtaOptions(**tta_params) if params["tta"] else None
-    allocator.apply(runtime_params.get("malloc", "tuned"))
+    allocator.apply(runtime_params.get("malloc", allocator.DEFAULT_MODE))
     classifier = Classifier(model, device=inference_device(runtime_params["accelerator"]))
     out = classifier.predict(
         [images_root / n for n in names],
