@@ -530,6 +530,14 @@ def report(results: dict[str, list[dict]], floor: dict) -> None:
     print(f"tta accuracy: ours {ota:.4f} vs fastai {fta:.4f} - {fts:.4f} = {fta - fts:.4f}: "
           f"{'met' if ota >= fta - fts else 'MISSED'}")  # fmt: skip
     print(f"time: ours / fastai = {ot / ft:.3f} (total wall time, means over seeds)")
+    if min(len(outs) for outs in results.values()) > 1:  # is a gap more than the seeds' noise?
+        from scipy.stats import ttest_ind
+
+        for key in ("accuracy", "tta_accuracy"):
+            t = ttest_ind(*([o[key] for o in results[a]] for a in ("fastai", "ours")),
+                          equal_var=False)  # fmt: skip
+            print(f"{key}: Welch's t-test, fastai against ours: t = {t.statistic:.2f}, "
+                  f"p = {t.pvalue:.3f} ({t.df:.1f} degrees of freedom)")  # fmt: skip
 
 
 def main() -> None:
