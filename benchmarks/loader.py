@@ -14,6 +14,9 @@ as the recipe does:
   ``presize`` node does before training) read by our loader (random crop + collate) and
   ``BatchAugment`` (one resample per batch).
 
+Both sides run in this one process with glibc's malloc set as ours sets it by default
+(``runtime.malloc: tuned``, ``vision/allocator.py``).
+
 Target (issue 6): ours at least 2x fastai. Each figure is the best of ``--rounds`` rounds, the
 order alternating.
 """
@@ -125,6 +128,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     import fastai
+
+    from cassava_pipeline.vision.allocator import tune_malloc
+
+    tune_malloc()
 
     print(
         f"# loader benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
