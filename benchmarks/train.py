@@ -17,7 +17,8 @@ batches and settings, in one run:
 5. verification before use (issue 13): the shard set checked against its sha256s as in a
    fresh process, and a resume file loaded and checked against its sha256, each against one
    epoch of ours (target: at most 5% of the stage they guard; a stage has several epochs).
-Each figure is the best of ``--rounds`` interleaved rounds.
+Each figure is the best of ``--rounds`` interleaved rounds. glibc's malloc is set as a run sets
+it (``runtime.malloc: tuned``) for the whole process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cassava_pipeline.vision import shards as shards_module
+from cassava_pipeline.vision.allocator import tune_malloc
 from cassava_pipeline.vision.augment import AugmentOptions, BatchAugment
 from cassava_pipeline.vision.data import LoaderOptions
 from cassava_pipeline.vision.ingest import IngestOptions, ingest
@@ -169,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--images", type=int, default=320, help="training images per epoch")
     args = ap.parse_args()
+    tune_malloc()  # as a run sets it (runtime.malloc: tuned), for every loop measured here
     device = torch.device(args.device)
     print(
         f"# training benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or ''} "
