@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cassava_pipeline.vision import allocator
+
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -179,7 +181,7 @@ class RuntimeParams(Block):
     strategy: str
     precision: Precision
     progress: bool
-    malloc: Literal["tuned", "default"] = "tuned"
+    malloc: Literal["tuned", "default"] = allocator.DEFAULT_MODE
 
     @model_validator(mode="after")
     def _half_needs_cuda(self) -> RuntimeParams:

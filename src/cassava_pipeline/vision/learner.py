@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import DEFAULT_MODE
 from .atomic import write_atomic
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
@@ -126,7 +127,7 @@ class RuntimeConfig:
     num_nodes: int = 1  # several machines: launch with torchrun (see README)
     strategy: str = "auto"  # auto: ddp when devices * num_nodes > 1
     progress: bool = True  # a batch progress bar
-    malloc: str = "tuned"  # glibc malloc settings for CPU tensors (vision/allocator.py)
+    malloc: str = DEFAULT_MODE  # glibc malloc settings for CPU tensors (vision/allocator.py)
 
 
 @dataclass
