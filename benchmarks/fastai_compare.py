@@ -49,10 +49,12 @@ process's wall time, interpreter start and imports included.
 
 The floor: each stage's model work alone (the same optimizer steps and validation passes on
 random tensors already in memory, channels-last, no data, augmentation or bookkeeping), timed by
-a child of this script in the same run, once before each seed's pair of arms; each figure's
-floor is the median of those (the machine drifts during a run, and the unfrozen and mixup stages,
-the same work, differ by up to 20% in a single measurement). lr_find's floor is its time per step
-times the steps the arm's sweep took (both stop early when the loss diverges).
+a child of this script in the same run, right before and right after every arm's run (the one
+after an arm is the one before the next). An arm's floor is the mean of the two measurements
+around it, figure by figure: the machine drifts during a run (one stage's floor moved from 28 to
+45 s between seeds), so each arm is set against the floor at the same moment. The ratios
+against the run's median floor are printed too. lr_find's floor is its time per step times the
+steps the arm's sweep took (both stop early when the loss diverges).
 
 Targets (issue 15): ours at most 1.05x the floor for each training stage, and ours' total (start
 to end: imports, data, lr_find, tracking, export, figures) at most 1.25x the sum of the floors.
@@ -447,22 +449,23 @@ def floors(floor: dict, lr_find_steps: float) -> dict[str, float]:
     return {"lr_find": floor["lr_find_per_step"] * lr_find_steps, **floor["times"]}
 
 
-def median_floor(measured: list[dict]) -> dict:
-    """Each figure's median over the floor's measurements."""
+def combined_floor(measured: list[dict], how=statistics.median) -> dict:
+    """Each figure of the floor combined over measurements (median, or mean of two)."""
     return {
-        "times": {
-            k: statistics.median(m["times"][k] for m in measured) for k in measured[0]["times"]
-        },
-        "lr_find_per_step": statistics.median(m["lr_find_per_step"] for m in measured),
+        "times": {k: how([m["times"][k] for m in measured]) for k in measured[0]["times"]},
+        "lr_find_per_step": how([m["lr_find_per_step"] for m in measured]),
     }
 
 
-def report(results: dict[str, list[dict]], floor: dict) -> None:
+def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
     """Every figure RESULTS.md quotes, from this run's raw results."""
     timed = ("lr_find", *STAGES, "evaluate")
+    median = combined_floor(measured)
     for arm in results.values():
         for out in arm:
-            out["floors"] = floors(floor, out["lr_find_steps"])
+            around = [measured[i] for i in out["floors_around"]]
+            out["floors"] = floors(combined_floor(around, statistics.fmean), out["lr_find_steps"])
+            out["median_floors"] = floors(median, out["lr_find_steps"])
             out["times"]["rest"] = out["total"] - sum(out["times"][k] for k in timed)
     print(f"\nseeds: {[o['seed'] for o in results['ours']]}")
     print("\n| figure | fastai mean ± sd | ours mean ± sd |\n| --- | ---: | ---: |")
@@ -484,12 +487,18 @@ def report(results: dict[str, list[dict]], floor: dict) -> None:
             fmt = "{:.4f} ± {:.4f}"
         print(f"| {key} | {fmt.format(*f)} | {fmt.format(*o)} |")
 
+    print("\nEach arm against the floor measured around it (mean ratio over seeds); in brackets,"
+          " against the run's median floor:")  # fmt: skip
     print("\n| figure | floor (model only) | fastai / floor | ours / floor | ours target |")
     print("| --- | ---: | ---: | ---: | --- |")
     verdicts = []
+
+    def ratio_of(arm: str, k: str, key: str = "floors") -> float:
+        return statistics.fmean(o["times"][k] / o[key][k] for o in results[arm])
+
     for k in timed:
         fl = {a: statistics.fmean(o["floors"][k] for o in results[a]) for a in results}
-        ratio = {a: statistics.fmean(o["times"][k] / o["floors"][k] for o in results[a])
+        ratio = {a: f"{ratio_of(a, k):.3f} ({ratio_of(a, k, 'median_floors'):.3f})"
                  for a in results}  # fmt: skip
         target = ""
         if k in STAGES:
@@ -498,13 +507,17 @@ def report(results: dict[str, list[dict]], floor: dict) -> None:
             verdicts.append(met)
         shown = f"{fl['ours']:.1f} s" if abs(fl["ours"] - fl["fastai"]) < 0.05 else (
             f"{fl['fastai']:.1f} s / {fl['ours']:.1f} s")  # fmt: skip
-        print(f"| {k} | {shown} | {ratio['fastai']:.3f} | {ratio['ours']:.3f} | {target} |")
-    total_ratio = {a: statistics.fmean(o["total"] / sum(o["floors"].values()) for o in results[a])
-                   for a in results}  # fmt: skip
+        print(f"| {k} | {shown} | {ratio['fastai']} | {ratio['ours']} | {target} |")
+
+    def total_ratio(arm: str, key: str = "floors") -> float:
+        return statistics.fmean(o["total"] / sum(o[key].values()) for o in results[arm])
+
     met = all(o["total"] <= 1.25 * sum(o["floors"].values()) for o in results["ours"])
     sum_floor = statistics.fmean(sum(o["floors"].values()) for o in results["ours"])
-    print(f"| whole run (total) | {sum_floor:.1f} s (sum) | {total_ratio['fastai']:.3f} | "
-          f"{total_ratio['ours']:.3f} | <= 1.25: {'met' if met else 'MISSED'} |")  # fmt: skip
+    print(f"| whole run (total) | {sum_floor:.1f} s (sum) | {total_ratio('fastai'):.3f} "
+          f"({total_ratio('fastai', 'median_floors'):.3f}) | {total_ratio('ours'):.3f} "
+          f"({total_ratio('ours', 'median_floors'):.3f}) | <= 1.25: "
+          f"{'met' if met else 'MISSED'} |")  # fmt: skip
     rest_nodes = {
         node: statistics.fmean(o["nodes"].get(node, 0.0) for o in results["ours"])
         for node in results["ours"][0]["nodes"]
@@ -595,8 +608,8 @@ def main() -> None:
             print("model-only floor: " + " ".join(f"{k}={v:.1f}" for k, v in floor["times"].items())
                   + f" lr_find={floor['lr_find_per_step']:.3f}/step", flush=True)  # fmt: skip
 
-        measure_floor(args.seeds[0])
         if args.floor_only:
+            measure_floor(args.seeds[0])
             return
         if args.fastai_workers is None:
             probe = spawn("probe", data, args.seeds[0], r, Path(tmp), args)["seconds"]
@@ -607,14 +620,15 @@ def main() -> None:
             )
             args.fastai_workers = int(min(probe, key=probe.get))
         print(f"# fastai DataLoader workers: {args.fastai_workers}", flush=True)
+        measure_floor(args.seeds[0])  # right before the first arm
 
         def run_seeds(seeds: list[int], first: int) -> None:
             for i, seed in enumerate(seeds, start=first):
-                if i > 0:  # the floor again between seeds: the machine drifts
-                    measure_floor(seed)
                 order = ("fastai", "ours") if i % 2 == 0 else ("ours", "fastai")
                 for arm in order:
                     out = spawn(arm, data, seed, r, Path(tmp), args)
+                    measure_floor(seed)  # after this arm, before the next: the machine drifts
+                    out["floors_around"] = (len(measured) - 2, len(measured) - 1)
                     out["seed"] = seed
                     results[arm].append(out)
                     stages = " ".join(f"{k}={v:.1f}" for k, v in out["times"].items())
@@ -632,7 +646,7 @@ def main() -> None:
         if wide and args.more_seeds:
             print(f"# spread over {args.spread}: {wide}; seeds {args.more_seeds} too", flush=True)
             run_seeds(args.more_seeds, len(args.seeds))
-    report(results, median_floor(measured))
+    report(results, measured)
 
 
 if __name__ == "__main__":
