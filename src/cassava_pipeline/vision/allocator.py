@@ -8,7 +8,7 @@ training stage's time went there (18.5 million minor faults in the benchmark's m
 RESULTS.md, "glibc's allocator"). Raising the mmap threshold to glibc's largest (32 MiB on
 64-bit) and keeping up to 1 GiB of freed memory in the heap makes those blocks reused instead.
 
-Blocks over that threshold (a 96-channel activation at 128 pixels and batch 32 is 50 MiB) would
+Blocks over that threshold (a 96-channel activation at 128 pixels and batch 32 is 48 MiB) would
 still be mmap'd whenever the heap's top lacks room for them, and unmapped when freed. Once the
 heap's free space is split up, that happens every step: glibc takes the mmap path instead of
 growing the heap, so the top never grows and the faults never stop (37,000 a step, a frozen
@@ -18,10 +18,9 @@ than their 64 MiB heaps, as glibc does when it cannot grow them.
 
 These are ``mallopt`` calls on the running process (the same settings as the
 ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` and
-``MALLOC_TOP_PAD_`` environment
-variables, which glibc only reads at start-up). Forked DataLoader workers inherit them. The
-numbers do not change: PyTorch aligns every CPU tensor to 64 bytes wherever it lies. Other C
-libraries (musl, macOS) are left as they are.
+``MALLOC_TOP_PAD_`` environment variables, which glibc only reads at start-up). Forked
+DataLoader workers inherit them. The numbers do not change: PyTorch aligns every CPU tensor to
+64 bytes wherever it lies. Other C libraries (musl, macOS) are left as they are.
 """
 
 from __future__ import annotations
