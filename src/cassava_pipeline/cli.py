@@ -6,10 +6,18 @@ project's known errors (bad parameters, a layout that does not match the data, t
 images, a damaged file, missing weights, a project already running), the last lines printed are
 the cause and what to do, without a traceback through Kedro's internals. Any other exception is
 raised as before, with its traceback: that is a bug to report.
+
+The command also spares Python's cyclic garbage collector the objects that live for the whole run
+(:func:`freeze_long_lived`): torch, MLflow, Kedro and the rest, about 550,000 objects when the
+command starts and 880,000 when it ends. Unfrozen, each full collection walks all of them (0.3
+to 0.45 s each on this project's CPU box, three in a run) and so does the last one at the
+interpreter's exit (2.1 s after the run has ended); frozen, they are skipped. A run that reuses
+every stage took 17.4 to 18.1 s instead of 20.3 to 20.5 s.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -51,7 +59,18 @@ def known_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def freeze_long_lived() -> None:
+    """Move every object alive now into the collector's permanent generation (``gc.freeze``).
+
+    Collections, the final one at exit included, then skip them. They are still freed by
+    reference counting as usual; only a reference cycle among them would wait for the process
+    to end, which is when a command's objects go anyway. For a command's process, not a library
+    call: a long-lived process that froze its objects could keep such cycles for good."""
+    gc.freeze()
+
+
 def _run(*args, **kwargs):
+    freeze_long_lived()  # the imports, the project's settings and the CLI: here until the end
     try:
         return kedro_run.callback(*args, **kwargs)
     except Exception as e:
@@ -61,6 +80,8 @@ def _run(*args, **kwargs):
         click.secho(f"\nThe run stopped: {type(cause).__name__}", fg="red", bold=True, err=True)
         click.echo(str(cause), err=True)
         sys.exit(1)
+    finally:
+        freeze_long_lived()  # what the run left: only the interpreter's exit follows
 
 
 run = click.Command(
