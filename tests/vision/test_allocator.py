@@ -17,9 +17,9 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # Thirty training steps of a small conv net whose activations (16 MiB) lie between glibc's default
 # mmap threshold (128 KiB, raised only as far as the largest block freed) and the tuned one
 # (32 MiB); the minor page faults of those steps, after three steps have warmed everything up.
-# Tuned, a few 16 MiB blocks may still be faulted in once (a thread's arena whose extra heap
-# emptied is unmapped by glibc whatever the settings): 0 to 12,289 faults in all, however many
-# steps. As glibc comes, the faults grow with the steps.
+# Tuned, up to three or four 16 MiB blocks are still faulted in (4,096 faults each; from where
+# was not found), and no more over more steps: 8,193 to 16,386 faults in ten steps after one,
+# 0 to 12,289 in thirty after three. As glibc comes, the faults grow with the steps.
 STEPS = textwrap.dedent(
     """
     import resource, sys, torch
