@@ -491,7 +491,6 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
           " against the run's median floor:")  # fmt: skip
     print("\n| figure | floor (model only) | fastai / floor | ours / floor | ours target |")
     print("| --- | ---: | ---: | ---: | --- |")
-    verdicts = []
 
     def ratio_of(arm: str, k: str, key: str = "floors") -> float:
         return statistics.fmean(o["times"][k] / o[key][k] for o in results[arm])
@@ -504,7 +503,6 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
         if k in STAGES:
             met = all(o["times"][k] <= 1.05 * o["floors"][k] for o in results["ours"])
             target = f"<= 1.05: {'met' if met else 'MISSED'}"
-            verdicts.append(met)
         shown = f"{fl['ours']:.1f} s" if abs(fl["ours"] - fl["fastai"]) < 0.05 else (
             f"{fl['fastai']:.1f} s / {fl['ours']:.1f} s")  # fmt: skip
         print(f"| {k} | {shown} | {ratio['fastai']} | {ratio['ours']} | {target} |")

@@ -14,17 +14,32 @@ from cassava_pipeline.vision import allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
+
+def _measured(setup: str, warm: int, steps: int) -> str:
+    """A child script: the malloc mode (argv[1]) applied and printed, ``setup`` (which defines
+    ``step()``), ``warm`` steps, then the minor page faults of ``steps`` more."""
+    return "\n".join([
+        "import resource, sys, torch",
+        "from cassava_pipeline.vision import allocator",
+        "print(allocator.apply(sys.argv[1]))",
+        textwrap.dedent(setup).strip(),
+        f"for _ in range({warm}):",
+        "    step()",
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt",
+        f"for _ in range({steps}):",
+        "    step()",
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)",
+    ])  # fmt: skip
+
+
 # Thirty training steps of a small conv net whose activations (16 MiB) lie between glibc's default
 # mmap threshold (128 KiB, raised only as far as the largest block freed) and the tuned one
 # (32 MiB); the minor page faults of those steps, after three steps have warmed everything up.
 # Tuned, up to three or four 16 MiB blocks are still faulted in (4,096 faults each; from where
 # was not found), and no more over more steps: 8,193 to 16,386 faults in ten steps after one,
 # 0 to 12,289 in thirty after three. As glibc comes, the faults grow with the steps.
-STEPS = textwrap.dedent(
+STEPS = _measured(
     """
-    import resource, sys, torch
-    from cassava_pipeline.vision import allocator
-    print(allocator.apply(sys.argv[1]))
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
@@ -34,34 +49,22 @@ STEPS = textwrap.dedent(
     x = torch.randn(16, 3, 64, 64)
     def step():
         net(x).logsumexp(1).sum().backward()
-    for _ in range(3):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(30):
-        step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
+    """,
+    warm=3,
+    steps=30,
 )
-
 
 # One 40 MiB block (over glibc's largest mmap threshold, 32 MiB) taken and freed per step, with
 # nothing else growing the heap: unless it lies in the heap, each step maps it and faults it in.
 # Twenty steps first: PyTorch's 64-byte aligned requests walk the heap for a few steps before
 # the freed blocks merge and fit.
-BIG_BLOCKS = textwrap.dedent(
+BIG_BLOCKS = _measured(
     """
-    import resource, sys, torch
-    from cassava_pipeline.vision import allocator
-    print(allocator.apply(sys.argv[1]))
     def step():
         torch.empty(10 * 2**20).fill_(1.0)
-    for _ in range(20):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
+    """,
+    warm=20,
+    steps=10,
 )
 
 
