@@ -134,3 +134,48 @@ def test_sampling_grid_is_the_affine_grid_then_fastais_warp():
             assert torch.allclose(sampling_grid(mats, 24, align, warp), reference, atol=2e-6)
             assert torch.allclose(sampling_grid(mats, 24, align), affine, atol=2e-6)
             assert not torch.equal(reference, affine)  # the warp moved the points
+
+
+def test_sampling_grid_is_bit_for_bit_the_plain_expression():
+    """Writing each coordinate in place into the grid changes no bit against the plain
+    expression (the homography's rows over the pixel coordinates, divided, then stacked): the
+    same runs give the same weights as before the rewrite."""
+    from cassava_pipeline.vision.augment import (
+        affine_matrices,
+        sampling_grid,
+        warp_homographies,
+    )
+
+    def plain(mats: torch.Tensor, size: int, align: bool, warp) -> torch.Tensor:
+        n = mats.shape[0]
+        lin = torch.linspace(-1.0, 1.0, size)
+        if not align:
+            lin = lin * (size - 1) / size
+        xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
+        r = (mats if warp is None else warp @ mats).reshape(n, 9, 1, 1)
+        x, y, w = (r[:, i] * xs + r[:, i + 1] * ys + r[:, i + 2] for i in (0, 3, 6))
+        return torch.stack([x, y] if warp is None else [x / w, y / w], -1)
+
+    for seed in range(6):
+        for size, align in ((24, True), (31, False), (128, True)):
+            opts = AugmentOptions(size=size, min_scale=0.75, max_warp=0.4, align_corners=align)
+            g = torch.Generator().manual_seed(seed)
+            mats = affine_matrices(7, opts, g, "cpu")
+            warp = warp_homographies(7, opts, g, "cpu")
+            assert torch.equal(sampling_grid(mats, size, align, warp), plain(mats, size, align, warp))
+            assert torch.equal(sampling_grid(mats, size, align), plain(mats, size, align, None))
+
+
+def test_sampling_grid_keeps_the_unwarped_grid_where_a_denominator_is_zero():
+    """fastai's apply_perspective returns the unwarped coordinates when any denominator is 0;
+    here one image's warp has w = x, which is 0 on the middle column of an odd grid."""
+    from cassava_pipeline.vision.augment import sampling_grid
+
+    mats = torch.eye(3).expand(2, 3, 3).clone()
+    mats[1, 0, 0] = 0.5  # a zoom, so the two images' grids differ
+    warp = torch.eye(3).expand(2, 3, 3).clone()
+    warp[0, 2] = torch.tensor([1.0, 0.0, 0.0])  # w = x
+    affine = F.affine_grid(mats[:, :2], [2, 3, 5, 5], align_corners=True)
+    assert torch.allclose(sampling_grid(mats, 5, True, warp), affine, atol=1e-7)
+    warp[0, 2] = torch.tensor([0.25, 0.0, 1.0])  # w = 1 + x/4: never 0, so the warp applies
+    assert not torch.allclose(sampling_grid(mats, 5, True, warp), affine, atol=1e-3)
