@@ -162,7 +162,9 @@ def test_sampling_grid_is_bit_for_bit_the_plain_expression():
             g = torch.Generator().manual_seed(seed)
             mats = affine_matrices(7, opts, g, "cpu")
             warp = warp_homographies(7, opts, g, "cpu")
-            assert torch.equal(sampling_grid(mats, size, align, warp), plain(mats, size, align, warp))
+            assert torch.equal(
+                sampling_grid(mats, size, align, warp), plain(mats, size, align, warp)
+            )
             assert torch.equal(sampling_grid(mats, size, align), plain(mats, size, align, None))
 
 
