@@ -54,7 +54,9 @@ after an arm is the one before the next). An arm's floor is the mean of the two 
 around it, figure by figure: the machine drifts during a run (one stage's floor moved from 28 to
 45 s between seeds), so each arm is set against the floor at the same moment. The ratios
 against the run's median floor are printed too. lr_find's floor is its time per step times the
-steps the arm's sweep took (both stop early when the loss diverges).
+steps the arm's sweep took (both stop early when the loss diverges). ``--no-floor`` measures
+no floor (accuracy and the two arms' times only): more seeds in the same time, to tell whether
+an accuracy gap is more than the seeds' noise.
 
 Targets (issue 15): ours at most 1.05x the floor for each training stage, and ours' total (start
 to end: imports, data, lr_find, tracking, export, figures) at most 1.25x the sum of the floors.
@@ -460,12 +462,14 @@ def combined_floor(measured: list[dict], how=statistics.median) -> dict:
 def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
     """Every figure RESULTS.md quotes, from this run's raw results."""
     timed = ("lr_find", *STAGES, "evaluate")
-    median = combined_floor(measured)
     for arm in results.values():
         for out in arm:
-            around = [measured[i] for i in out["floors_around"]]
-            out["floors"] = floors(combined_floor(around, statistics.fmean), out["lr_find_steps"])
-            out["median_floors"] = floors(median, out["lr_find_steps"])
+            if measured:
+                around = [measured[i] for i in out["floors_around"]]
+                out["floors"] = floors(
+                    combined_floor(around, statistics.fmean), out["lr_find_steps"]
+                )
+                out["median_floors"] = floors(combined_floor(measured), out["lr_find_steps"])
             out["times"]["rest"] = out["total"] - sum(out["times"][k] for k in timed)
     print(f"\nseeds: {[o['seed'] for o in results['ours']]}")
     print("\n| figure | fastai mean ± sd | ours mean ± sd |\n| --- | ---: | ---: |")
@@ -487,6 +491,14 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
             fmt = "{:.4f} ± {:.4f}"
         print(f"| {key} | {fmt.format(*f)} | {fmt.format(*o)} |")
 
+    if measured:
+        report_floors(results, timed)
+    report_rest(results)
+    report_verdicts(results, summary)
+
+
+def report_floors(results: dict[str, list[dict]], timed: tuple[str, ...]) -> None:
+    """Each arm's times over the model-only floor measured around it."""
     print("\nEach arm against the floor measured around it (mean ratio over seeds); in brackets,"
           " against the run's median floor:")  # fmt: skip
     print("\n| figure | floor (model only) | fastai / floor | ours / floor | ours target |")
@@ -516,6 +528,10 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
           f"({total_ratio('fastai', 'median_floors'):.3f}) | {total_ratio('ours'):.3f} "
           f"({total_ratio('ours', 'median_floors'):.3f}) | <= 1.25: "
           f"{'met' if met else 'MISSED'} |")  # fmt: skip
+
+
+def report_rest(results: dict[str, list[dict]]) -> None:
+    """Where ours' time outside the timed parts goes, and every run's own line."""
     rest_nodes = {
         node: statistics.fmean(o["nodes"].get(node, 0.0) for o in results["ours"])
         for node in results["ours"][0]["nodes"]
@@ -533,6 +549,10 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
             print(f"# {arm} seed {out['seed']}: acc {out['accuracy']:.4f} tta "
                   f"{out['tta_accuracy']:.4f} total {out['total']:.1f} times {json.dumps(rounded)}"
                   + (f" epochs only {json.dumps(extra)}" if extra else ""))  # fmt: skip
+
+
+def report_verdicts(results: dict[str, list[dict]], summary: dict) -> None:
+    """Accuracy against fastai's mean minus one sd, the time ratio, and Welch's t-tests."""
     (fa, fs), (oa, _) = summary["accuracy"]
     (fta, fts), (ota, _) = summary["tta_accuracy"]
     (ft, _), (ot, _) = summary["total"]
@@ -571,6 +591,9 @@ def main() -> None:
     p.add_argument("--probe", type=int, nargs="+", default=[0, 1, 2],
                    help="worker counts the probe tries")  # fmt: skip
     p.add_argument("--floor-only", action="store_true", help="only the model-only floor")
+    p.add_argument("--no-floor", action="store_true",
+                   help="no floor measurements: accuracy and the two arms' times only, for more "
+                   "seeds in the same time")  # fmt: skip
     p.add_argument("--child", choices=["fastai", "ours", "model", "probe"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -601,6 +624,8 @@ def main() -> None:
         measured: list[dict] = []
 
         def measure_floor(seed: int) -> None:
+            if args.no_floor:
+                return
             floor = spawn("model", data, seed, r, Path(tmp), args)
             measured.append(floor)
             print("model-only floor: " + " ".join(f"{k}={v:.1f}" for k, v in floor["times"].items())
@@ -626,7 +651,8 @@ def main() -> None:
                 for arm in order:
                     out = spawn(arm, data, seed, r, Path(tmp), args)
                     measure_floor(seed)  # after this arm, before the next: the machine drifts
-                    out["floors_around"] = (len(measured) - 2, len(measured) - 1)
+                    if measured:
+                        out["floors_around"] = (len(measured) - 2, len(measured) - 1)
                     out["seed"] = seed
                     results[arm].append(out)
                     stages = " ".join(f"{k}={v:.1f}" for k, v in out["times"].items())
