@@ -462,14 +462,15 @@ def combined_floor(measured: list[dict], how=statistics.median) -> dict:
 def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
     """Every figure RESULTS.md quotes, from this run's raw results."""
     timed = ("lr_find", *STAGES, "evaluate")
+    median = combined_floor(measured) if measured else None
     for arm in results.values():
         for out in arm:
-            if measured:
+            if median is not None:
                 around = [measured[i] for i in out["floors_around"]]
                 out["floors"] = floors(
                     combined_floor(around, statistics.fmean), out["lr_find_steps"]
                 )
-                out["median_floors"] = floors(combined_floor(measured), out["lr_find_steps"])
+                out["median_floors"] = floors(median, out["lr_find_steps"])
             out["times"]["rest"] = out["total"] - sum(out["times"][k] for k in timed)
     print(f"\nseeds: {[o['seed'] for o in results['ours']]}")
     print("\n| figure | fastai mean ± sd | ours mean ± sd |\n| --- | ---: | ---: |")
@@ -491,7 +492,7 @@ def report(results: dict[str, list[dict]], measured: list[dict]) -> None:
             fmt = "{:.4f} ± {:.4f}"
         print(f"| {key} | {fmt.format(*f)} | {fmt.format(*o)} |")
 
-    if measured:
+    if median is not None:
         report_floors(results, timed)
     report_rest(results)
     report_verdicts(results, summary)
