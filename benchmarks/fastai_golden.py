@@ -25,7 +25,9 @@ time. What is recorded:
 - ``freeze``: for ``vision_learner`` models (torchvision resnet18/34/50, timm's
   tf_efficientnet_lite0, convnext_atto with LayerNorm, resnet50_gn with GroupNorm; no weights
   downloaded), every parameter's shape, whether it trains after ``freeze()`` and whether it
-  gets weight decay, and the number of parameter groups.
+  gets weight decay, and the number of parameter groups;
+- ``weights``: the ImageNet weights ``vision_learner(..., pretrained=True)`` asks torchvision
+  for, per resnet (its ``model_meta``), and the weights enum torchvision resolves that to.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from fastai.vision.all import (
 )
 from fastai.vision.augment import Flip, Rotate, Zoom, setup_aug_tfms
 from fastai.vision.core import TensorImage
-from fastai.vision.learner import vision_learner
+from fastai.vision.learner import model_meta, vision_learner
 from torch import nn
 from torchvision import models
 
@@ -293,6 +295,17 @@ def freeze() -> dict[str, Any]:
     return {"models": out}
 
 
+def weights() -> dict[str, Any]:
+    out = {}
+    for name in ("resnet18", "resnet34", "resnet50"):
+        asked = model_meta[getattr(models, name)]["weights"]  # what create_vision_model passes
+        out[name] = {
+            "asked": str(asked),
+            "resolves_to": str(models.get_model_weights(name).verify(asked)),
+        }
+    return {"torchvision": out}
+
+
 def affine() -> dict[str, Any]:
     g = torch.Generator().manual_seed(5)
     n = 8
@@ -329,6 +342,7 @@ def main() -> None:
         ("head", head),
         ("freeze", freeze),
         ("affine", affine),
+        ("weights", weights),
     ):
         _write(name, build())
 

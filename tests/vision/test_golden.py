@@ -180,3 +180,28 @@ def test_affine_matrix_matches_fastais_flip_rotate_zoom(monkeypatch):
     ours = augment.affine_matrices(len(flip), opts, None, "cpu")
     assert uniforms == []  # every draw was used, in this order
     assert np.allclose(ours[:, :2, :].numpy(), g["matrices"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(golden("weights")["torchvision"]))
+def test_imagenet_weights_are_the_ones_fastai_loads(arch, monkeypatch):
+    """``weights: imagenet`` asks torchvision for what fastai's ``vision_learner`` asks for (its
+    ``model_meta``: ``DEFAULT``, i.e. IMAGENET1K_V2 for resnet50 and V1 for resnet18/34), and that
+    resolves to the same weights. The builder is replaced so that nothing is downloaded."""
+    import torchvision
+
+    from cassava_pipeline.vision.models import _torchvision_body
+
+    want = golden("weights")["torchvision"][arch]
+    real = getattr(torchvision.models, arch)
+    asked = []
+
+    def builder(weights=None):
+        asked.append(weights)
+        return real(weights=None)
+
+    monkeypatch.setattr(torchvision.models, arch, builder)
+    _torchvision_body(arch, "imagenet")
+    _torchvision_body(arch, "none")
+    assert str(asked[0]) == want["asked"]
+    assert str(torchvision.models.get_model_weights(arch).verify(asked[0])) == want["resolves_to"]
+    assert asked[1] is None  # weights: none builds it untrained
