@@ -189,8 +189,6 @@ def test_imagenet_weights_are_the_ones_fastai_loads(arch, monkeypatch):
     resolves to the same weights. The builder is replaced so that nothing is downloaded."""
     import torchvision
 
-    from cassava_pipeline.vision.models import _torchvision_body
-
     want = golden("weights")["torchvision"][arch]
     real = getattr(torchvision.models, arch)
     asked = []
@@ -200,8 +198,8 @@ def test_imagenet_weights_are_the_ones_fastai_loads(arch, monkeypatch):
         return real(weights=None)
 
     monkeypatch.setattr(torchvision.models, arch, builder)
-    _torchvision_body(arch, "imagenet")
-    _torchvision_body(arch, "none")
+    create_model(arch, 5, "imagenet")  # as init_model builds it
+    create_model(arch, 5, "none")
     assert str(asked[0]) == want["asked"]
     assert str(torchvision.models.get_model_weights(arch).verify(asked[0])) == want["resolves_to"]
     assert asked[1] is None  # weights: none builds it untrained
