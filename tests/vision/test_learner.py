@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from cassava_pipeline.vision.learner import (
     load_optimizer_state,
 )
 from cassava_pipeline.vision.run import lr_find_in_fabric, model_from_checkpoint, train_in_fabric
-from cassava_pipeline.vision.schedule import LrFindOptions
+from cassava_pipeline.vision.schedule import LrFindOptions, OneCycle
 from tests.images import REPO
 from tests.training import history_frame, initial_checkpoint, stage, tiny_shards
 
@@ -214,6 +215,7 @@ def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog,
         initial_checkpoint(), shards, stage(), options, CPU, cache_dir=tmp_path
     )
     assert (tmp_path / "lr_find.json").is_file()
+    caplog.clear()
 
     def no_sweep(*args, **kwargs):
         raise AssertionError("swept again although nothing changed")
@@ -223,7 +225,21 @@ def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog,
         again = lr_find_in_fabric(
             initial_checkpoint(), shards, stage(), options, CPU, cache_dir=tmp_path
         )
-    assert again == first and "holds this sweep (same inputs)" in caplog.text
+        # what the sweep does not read (SWEEP_UNUSED) changes nothing: reused
+        unread = stage(
+            epochs=7, monitor="valid_loss", mixup=0.4, grad_accum=2, cycle=OneCycle(div=5)
+        )
+        reused = lr_find_in_fabric(
+            initial_checkpoint(), shards, unread, options, CPU, cache_dir=tmp_path
+        )
+    assert again == first == reused and "holds this sweep (same inputs)" in caplog.text
+    assert " steps in " not in caplog.text
+    caplog.clear()
+    read = lr_find_in_fabric(initial_checkpoint(), shards, stage(wd=0.1), options, CPU)
+    assert read["losses"] != first["losses"]  # wd is read: a different sweep
+    assert re.search(
+        r"lr_find: 20 steps in \d+\.\d s, suggested lr .*frozen\.train\.lr=", caplog.text
+    )
     caplog.clear()
     other = lr_find_in_fabric(
         initial_checkpoint(seed=1), shards, stage(), options, CPU, cache_dir=tmp_path

@@ -15,12 +15,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from cassava_pipeline.vision.images import decode_rgb_sized
 from cassava_pipeline.vision.ingest import IngestOptions, ingest
 from cassava_pipeline.vision.layouts import CsvLayout, FolderLayout
 from cassava_pipeline.vision.presize import (
     PresizeError,
     PresizeJob,
     PresizeOptions,
+    dct_scaled_sizes,
+    decoded_size_problem,
     plan_sizes,
     resize_shorter,
     target_size,
@@ -231,3 +234,71 @@ def test_images_smaller_than_the_presize_are_counted_and_named(kaggle_dir: Path,
                  tmp_path / "s")  # fmt: skip
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     assert meta["n_upscaled"] == len(m) and len(meta["upscaled"]) == len(m)
+
+
+def test_dct_scaled_sizes_are_what_the_decoder_gives_for_every_size():
+    # Every (w, h) in 8..63 (odd, even, square and near-square at each of the four scales), with
+    # and without an EXIF rotation: the decoded size is always one of dct_scaled_sizes, and the
+    # check accepts it. The old orientation test rejected near-square odd sizes such as 17x18.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: width and height swap after decoding
+    rotated = exif.tobytes()
+    hit = {k: 0 for k in range(4)}
+    for w in range(8, 64):
+        for h in range(8, 64):
+            for exif_bytes in (None, rotated) if (w + h) % 5 == 0 else (None,):
+                data = jpeg_bytes(np.full((h, w, 3), 128, dtype=np.uint8), exif=exif_bytes)
+                full = (h, w) if exif_bytes else (w, h)
+                sizes = dct_scaled_sizes(*full)
+                for min_side in {min(w, h) // d for d in (1, 2, 4, 8, 16) if min(w, h) // d >= 1}:
+                    img, got_full = decode_rgb_sized(data, min_side=min_side)
+                    decoded = (img.shape[1], img.shape[0])
+                    assert got_full == full
+                    assert decoded in sizes, (w, h, min_side, decoded)
+                    assert min(decoded) >= min_side
+                    assert decoded_size_problem(decoded, full, full) is None
+                    hit[sizes.index(decoded)] += 1
+    assert min(hit.values()) > 500, hit  # every scale was reached many times
+
+
+def test_near_square_odd_jpeg_presizes_with_draft(tmp_path: Path):
+    # The case a user hit: 499x500 decodes to 250x250 at 1/2 (each side rounded up).
+    root = tmp_path / "x"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "near_square.jpg").write_bytes(jpeg_bytes(gradient_rgb(499, 500)))
+    (root / "a" / "square.jpg").write_bytes(jpeg_bytes(gradient_rgb(333, 333)))
+    manifest, _ = ingest(root, FolderLayout(), IngestOptions(workers=1))
+    manifest, _ = split(manifest, ["a"], SplitOptions(valid_pct=0.0))
+    opts = PresizeOptions(size=100, jpeg_draft=True)
+    write_shards(PresizeJob(str(root), manifest, ("a",), opts), tmp_path / "o")
+    ds = ShardedImages(tmp_path / "o")
+    shapes = dict(zip(ds.index["path"], (ds[i][0].shape for i in range(len(ds))), strict=True))
+    assert shapes == {"a/near_square.jpg": (100, 100, 3), "a/square.jpg": (100, 100, 3)}
+
+
+def test_a_size_mismatch_on_unchanged_bytes_is_not_called_a_change(tmp_path: Path):
+    root = tmp_path / "x"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "one.jpg").write_bytes(jpeg_bytes(gradient_rgb(40, 30)))
+    manifest, _ = ingest(root, FolderLayout(), IngestOptions(workers=1))
+    manifest, _ = split(manifest, ["a"], SplitOptions(valid_pct=0.0))
+    manifest["width"] = 41  # what ingest recorded disagrees; the bytes are ingest's
+    with pytest.raises(PresizeError) as e:
+        write_shards(
+            PresizeJob(str(root), manifest, ("a",), PresizeOptions(size=10)), tmp_path / "o"
+        )
+    msg = str(e.value)
+    assert "the file changed" not in msg and "rerun the pipeline from ingest" not in msg
+    assert "a/one.jpg: decoder mismatch: the bytes are ingest's" in msg
+    assert "header says 40x30 now but ingest recorded 41x30" in msg
+
+
+def test_decoded_size_problem_names_what_differs():
+    assert decoded_size_problem((250, 250), (499, 500), (499, 500)) is None
+    assert decoded_size_problem((63, 63), (499, 500), (499, 500)) is None  # 1/8, rounded up
+    assert decoded_size_problem((62, 63), (499, 500), (499, 500)) == (
+        "it decoded to 62x63, which is not 499x500 at any DCT scale (1, 1/2, 1/4, 1/8)"
+    )
+    assert decoded_size_problem((499, 500), (500, 499), (499, 500)) == (
+        "its header says 500x499 now but ingest recorded 499x500"
+    )

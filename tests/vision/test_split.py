@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cassava_pipeline.vision.split import SplitError, SplitOptions, split
+from cassava_pipeline.vision.split import SplitError, SplitOptions, check_classes, split
 
 
 def manifest(labels: list[int], hashes: list[str] | None = None, is_valid=None) -> pd.DataFrame:
@@ -94,3 +94,40 @@ def test_conflicting_labels_on_identical_files_are_left_out_unless_kept():
 def test_bad_valid_pct():
     with pytest.raises(SplitError, match="valid_pct"):
         split(manifest([0, 1]), CLASSES[:2], SplitOptions(valid_pct=1.0))
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes", "found"),
+    [([0] * 12, CLASSES, "only 'c0'"), ([], CLASSES, "none"), ([0] * 12, ["c0"], "only 'c0'")],
+)
+def test_fewer_than_two_classes_stop_before_training(labels, classes, found):
+    # A label map that lists more classes than have images: split itself says so; a folder
+    # with one class splits, and check_classes (the node's next step) stops the run.
+    message = r"images of \d class\(es\) \(" + found + r"\); a classifier needs at least two"
+    with pytest.raises(SplitError, match=message):
+        _, report = split(manifest(labels), classes, SplitOptions())
+        check_classes(report)
+
+
+def test_weak_classes_are_named_in_warnings():
+    labels = [0] * 40 + [1] * 3 + [2] * 30
+    _, report = split(manifest(labels), CLASSES, SplitOptions(valid_pct=0.2, seed=0))
+    by_name = {c["name"]: c for c in report["classes"]}
+    assert by_name["c1"]["valid"] == 1 and by_name["c1"]["train"] == 2
+    assert report["warnings"] == [
+        "class(es) with fewer than 5 training images: c1 (2). The model will hardly learn "
+        "them; add images, or merge or drop the class."
+    ]
+    _, report = split(manifest([0] * 40 + [1] * 2), CLASSES[:2], SplitOptions(valid_pct=0.2))
+    assert report["warnings"] == [
+        "class(es) ['c1'] have no validation image: their accuracy, recall and confusion rows "
+        "are not measured. Add images of them, or raise split.valid_pct.",
+        "class(es) with fewer than 5 training images: c1 (2). The model will hardly learn "
+        "them; add images, or merge or drop the class.",
+    ]
+
+
+def test_a_healthy_split_warns_of_nothing():
+    _, report = split(manifest([0] * 50 + [1] * 30 + [2] * 20), CLASSES, SplitOptions())
+    assert report["warnings"] == []
+    check_classes(report)  # two classes or more: no error

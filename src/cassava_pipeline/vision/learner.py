@@ -78,6 +78,19 @@ HISTORY_COLUMNS = (
 )
 
 
+# StageConfig fields lr_find's sweep does not read: changing them keeps its cached result.
+SWEEP_UNUSED = (
+    "epochs",
+    "cycle",
+    "monitor",
+    "mixup",
+    "grad_accum",
+    "compile",
+    "validate_before",
+    "optimizer_state",
+)
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """One ``fit_one_cycle`` call of the recipe (frozen, unfrozen or mixup)."""
@@ -556,11 +569,22 @@ class Trainer:
         )
 
     def fingerprint(
-        self, train: ShardedImages, cfg: StageConfig, lr: Any, optimizer: str | None = None
+        self,
+        train: ShardedImages,
+        cfg: StageConfig,
+        lr: Any,
+        optimizer: str | None = None,
+        *,
+        unused: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        """What this stage's (or sweep's) result on ``train``'s shards is computed from."""
+        """What this stage's (or sweep's) result on ``train``'s shards is computed from.
+
+        ``unused``: settings of ``cfg`` the computation does not read (left out, so that
+        changing one of them does not redo it)."""
         settings = asdict(cfg)
         settings.pop("lr")  # a part of its own: the rate actually used
+        for key in unused:
+            settings.pop(key)
         for key in ("num_workers", "persistent_workers", "pin_memory", "prefetch_factor"):
             settings["loader"].pop(key, None)  # they change nothing in the result
         return fingerprint(
@@ -588,7 +612,7 @@ class Trainer:
         :meth:`fit`, with the sweep's options) is returned instead of sweeping again, so a
         resumed run keeps its suggestion and the stages trained with it stay valid.
         """
-        fp = self.fingerprint(train, cfg, asdict(options))
+        fp = self.fingerprint(train, cfg, asdict(options), unused=SWEEP_UNUSED)
         if cache_file is not None:
             cached = _load_sweep(cache_file, fp)
             if cached is not None:
@@ -602,6 +626,7 @@ class Trainer:
 
     def _sweep(self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions):
         f = self.fabric
+        started = time.perf_counter()
         seed = stage_seed(cfg.seed, cfg.name)
         torch.manual_seed(seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
@@ -644,7 +669,15 @@ class Trainer:
             break
         self.model.load_state_dict(saved)
         suggestion = suggest_valley(lrs, losses, options.num_it)
-        logger.info("lr_find: %d steps, suggested lr (valley) %.3g", len(lrs), suggestion)
+        logger.info(
+            "lr_find: %d steps in %.1f s, suggested lr (valley) %.3g. The sweep is kept and reused "
+            "while its inputs are equal; to skip it, give the stages a fixed rate instead of "
+            'lr: auto (e.g. --params="frozen.train.lr=%.2g")',
+            len(lrs),
+            time.perf_counter() - started,
+            suggestion,
+            suggestion,
+        )
         return {"lrs": lrs, "losses": losses, "suggestion": suggestion, "num_it": options.num_it}
 
 

@@ -37,7 +37,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, decode_rgb_sized, read_bytes
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    content_hash,
+    decode_rgb_sized,
+    read_bytes,
+)
 from .integrity import DIGEST_KEY, content_sha256, file_sha256
 from .parallel import chunked, ordered_map, resolve_workers
 from .provenance import digest, module_digests, versions
@@ -172,14 +178,46 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.bin"
 
 
+def dct_scaled_sizes(width: int, height: int) -> tuple[tuple[int, int], ...]:
+    """Every (width, height) a JPEG of this (oriented) size can decode to with DCT scaling.
+
+    libjpeg scales each side by 1/2^k (k = 0..3) and rounds up: ``ceil(side / 2^k)``. Rounding
+    each side on its own is what lets a near-square 499x500 decode to 250x250 at 1/2. The EXIF
+    transpose swaps both sides together, so the same rule holds before and after it.
+    """
+    return tuple((-(-width // 2**k), -(-height // 2**k)) for k in range(4))
+
+
+def decoded_size_problem(
+    decoded: tuple[int, int], full: tuple[int, int], ingest: tuple[int, int]
+) -> str | None:
+    """Why a decoded image does not match what ingest recorded (``None`` when it does).
+
+    ``decoded``: the array's (width, height); ``full``: the file's own size after EXIF
+    orientation, as the header says now; ``ingest``: the (width, height) ingest recorded.
+    """
+    if full != ingest:
+        return (
+            f"its header says {full[0]}x{full[1]} now but ingest recorded {ingest[0]}x{ingest[1]}"
+        )
+    if decoded not in dct_scaled_sizes(*full):
+        return (
+            f"it decoded to {decoded[0]}x{decoded[1]}, which is not {full[0]}x{full[1]} at any "
+            "DCT scale (1, 1/2, 1/4, 1/8)"
+        )
+    return None
+
+
 def _presize_one(root: str, row: tuple, size: int, max_pixels: int, draft: bool) -> np.ndarray:
-    rel, out_w, out_h, src_w, src_h = row
+    rel, out_w, out_h, src_w, src_h, src_hash = row
     data = read_bytes(os.path.join(root, rel))
-    img = decode_rgb(data, max_pixels=max_pixels, min_side=size if draft else None)
-    h, w = img.shape[:2]
-    # Same orientation and aspect as at ingest (DCT scaling may shrink it exactly 2^k x).
-    if abs(h * src_w - w * src_h) > 8 * max(src_w, src_h) or (h > w) != (src_h > src_w):
-        raise ImageError("the file changed", f"it is {w}x{h} now but was {src_w}x{src_h} at ingest")
+    img, full = decode_rgb_sized(data, max_pixels=max_pixels, min_side=size if draft else None)
+    problem = decoded_size_problem((img.shape[1], img.shape[0]), full, (src_w, src_h))
+    if problem is not None:
+        if src_hash is not None and content_hash(data) != src_hash:
+            raise ImageError("the file changed", f"its bytes differ from ingest's; {problem}")
+        # The same bytes as at ingest: the decoder disagrees with itself, not the data.
+        raise ImageError("decoder mismatch", f"the bytes are ingest's, but {problem}")
     return resize_shorter(img, out_w, out_h)
 
 
@@ -292,12 +330,31 @@ INPUT_PARTS = {
 
 
 def _raise_errors(errors: list[tuple[str, str]]) -> None:
-    if errors:
-        shown = "; ".join(f"{p}: {r}" for p, r in errors[:10])
-        raise PresizeError(
-            f"{len(errors)} image(s) could not be presized although ingest accepted them: "
-            f"{shown}. The raw data changed after ingest; rerun the pipeline from ingest."
+    if not errors:
+        return
+    shown = "; ".join(f"{p}: {r}" for p, r in errors[:10])
+    changed = sum(r.startswith("the file changed") for _, r in errors)
+    decoder = sum(r.startswith("decoder mismatch") for _, r in errors)
+    advice = []
+    if changed:
+        advice.append(
+            f"{changed} file(s) changed after ingest (their bytes' hash differs): rerun the "
+            "pipeline from ingest"
         )
+    if decoder:
+        advice.append(
+            f"{decoder} file(s) are unchanged but decode to another size than ingest saw: a "
+            "decoder bug; set presize.jpeg_draft: false to decode them at full size, and report it"
+        )
+    if len(errors) > changed + decoder:
+        advice.append(
+            "the other files became unreadable after ingest: restore them or rerun ingest"
+        )
+    raise PresizeError(
+        f"{len(errors)} image(s) could not be presized although ingest accepted them: {shown}. "
+        + "; ".join(advice)
+        + "."
+    )
 
 
 def _write_raw(job: PresizeJob, index: pd.DataFrame, rows: list, out_dir: Path, workers: int):
@@ -373,6 +430,7 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
             index["out_height"].tolist(),
             index["width"].tolist(),
             index["height"].tolist(),
+            index["hash"].astype(str).tolist() if "hash" in index else [None] * len(index),
             strict=True,
         )
     )

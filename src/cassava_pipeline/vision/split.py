@@ -18,6 +18,11 @@ class SplitError(ValueError):
     """The split cannot train a model (e.g. a class has no training image)."""
 
 
+# Fewer training images than this in a class earns a warning: the model sees it a handful of
+# times per epoch, and its validation figures rest on one or two images.
+FEW_TRAINING_IMAGES = 5
+
+
 @dataclass(frozen=True)
 class SplitOptions:
     """How to split."""
@@ -66,14 +71,49 @@ def split(
     df["is_valid"] = is_valid
     report = _report(df, classes, method, options, dup_groups, moved, conflicting)
     report["conflicting_duplicates_excluded"] = dropped
+    report["warnings"] = class_warnings(report)
     missing = [c["name"] for c in report["classes"] if c["train"] == 0]
     if missing:
+        check_classes(report)  # the more useful message when fewer than two classes have images
         raise SplitError(
             f"Class(es) {missing} have no training image after the split "
             f"({method}). Add images of those classes, lower split.valid_pct, or move some of "
             "their validation images to training."
         )
     return df, report
+
+
+def check_classes(report: dict) -> None:
+    """Stop before training when a split report has images of fewer than two classes."""
+    present = [c["name"] for c in report["classes"] if c["train"] + c["valid"] > 0]
+    if len(present) < 2:
+        found = f"only {present[0]!r}" if present else "none"
+        raise SplitError(
+            f"The data set has images of {len(present)} class(es) ({found}); a classifier needs "
+            "at least two. Add a folder (or label) of images of another class, or check that "
+            "data.raw and ingest.layout point at the whole data set."
+        )
+
+
+def class_warnings(report: dict) -> list[str]:
+    """What a split report shows that will weaken training or its metrics: a class with no
+    validation image (its accuracy cannot be measured) or very few training images."""
+    out = []
+    rows = [c for c in report["classes"] if c["train"] + c["valid"] > 0]
+    if report["n_valid"] > 0:
+        no_valid = [c["name"] for c in rows if c["valid"] == 0]
+        if no_valid:
+            out.append(
+                f"class(es) {no_valid} have no validation image: their accuracy, recall and "
+                "confusion rows are not measured. Add images of them, or raise split.valid_pct."
+            )
+    few = [f"{c['name']} ({c['train']})" for c in rows if 0 < c["train"] < FEW_TRAINING_IMAGES]
+    if few:
+        out.append(
+            f"class(es) with fewer than {FEW_TRAINING_IMAGES} training images: {', '.join(few)}. "
+            "The model will hardly learn them; add images, or merge or drop the class."
+        )
+    return out
 
 
 def _stratified_group_split(

@@ -16,7 +16,7 @@ from cassava_pipeline.vision.ingest import (
     unusual_lines,
 )
 from cassava_pipeline.vision.layouts import layout_from_params
-from cassava_pipeline.vision.split import SplitOptions, split
+from cassava_pipeline.vision.split import SplitOptions, check_classes, split
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ def split_manifest(
     )
     for c in report["classes"]:
         logger.info("  %-40s train %5d  valid %5d", c["name"], c["train"], c["valid"])
+    check_classes(report)
+    for line in report["warnings"]:
+        logger.warning("split: %s", line)
     groups = report["duplicates_with_conflicting_labels"]
     if groups:
         kept = not report["conflicting_duplicates_excluded"]
