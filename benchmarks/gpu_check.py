@@ -220,6 +220,61 @@ def model_step(arch, n_classes, cfg: StageConfig, device, bf16: bool, compile_: 
     return step
 
 
+def augmented_step(arch, n_classes, cfg: StageConfig, device, bf16: bool, presize: int, stats):
+    """:func:`model_step` with the batch augmentation of a fixed uint8 batch of presized crops
+    in front: what the loop does on the device, without the loader."""
+    augment = BatchAugment(cfg.augment, stats.mean, stats.std)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (cfg.loader.batch_size, 3, presize, presize)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    model, _ = create_model(arch, n_classes, "none")
+    (freeze if cfg.freeze else unfreeze)(model)
+    model.to(device, memory_format=torch.channels_last).train()
+    y = torch.randint(0, n_classes, (cfg.loader.batch_size,), device=device)
+    opt = make_optimizer(model, [1e-4] * len(param_groups(model)), cfg)
+
+    def run():
+        x = augment(images, train=True, generator=gen).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def check_syncs(cfg: StageConfig, shards, plan, runtime) -> dict[str, Any]:
+    """Where a training epoch makes the CPU wait for the GPU (torch.cuda.set_sync_debug_mode):
+    each such call stops the CPU from queueing the next batch while the GPU works."""
+    import warnings
+    from collections import Counter
+
+    fabric = make_fabric(runtime)
+    if fabric.device.type != "cuda":
+        return {"skipped": "CUDA only (torch.cuda.set_sync_debug_mode)"}
+    train, valid = shards.split()
+    n_batches = 10
+    few = train.subset(np.arange(min(len(train), cfg.loader.batch_size * n_batches)))
+    model, stats = create_model(plan.arch, len(shards.classes), "none")
+    trainer = Trainer(fabric, model, stats, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(few, valid.subset([]), replace(cfg, epochs=1))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    return {
+        "batches": n_batches,
+        "synchronizing calls in fit (set-up included)": sum(where.values()),
+        "where (file:line: count)": dict(where.most_common(20)),
+    }
+
+
 def time_steps(step, steps: int, device, batch: int) -> tuple[float, float]:
     """(seconds of the first call, images/s over ``steps`` calls after it)."""
     t0 = time.perf_counter()
@@ -308,6 +363,10 @@ def check_stage(cfg, shards, checkpoint, runtime, plan, results) -> dict[str, An
         finally:
             torch.backends.cudnn.benchmark = False
         out["model step, cudnn.benchmark on (img/s)"] = round(tuned, 1)
+    if device.type == "cuda":
+        step = augmented_step(plan.arch, len(shards.classes), cfg, device, bf16, shards.size, stats)
+        _, aug_rate = time_steps(step, plan.steps, device, cfg.loader.batch_size)
+        out["augment + model step, no loader (img/s)"] = round(aug_rate, 1)
     rate = loader_rate(trainer, train, cfg, stats)
     out["loader + augment (img/s)"] = round(rate, 1)
     out["loader / model step [target >= 1]"] = round(rate / step_rate, 2)
@@ -403,6 +462,7 @@ def main() -> int:
         for cfg, shards in zip(configs, (small, large, large), strict=True):
             start = held["checkpoint"]
             part(f"stage {cfg.name}", results, check_stage, cfg, shards, start, runtime, plan, held)
+        part("syncs", results, check_syncs, configs[1], large, plan, runtime)
         bf16 = plan.precision.startswith("bf16")
         if args.no_compile:
             results["torch.compile"] = {"skipped": "--no-compile"}

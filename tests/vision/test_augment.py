@@ -162,9 +162,10 @@ def test_sampling_grid_is_bit_for_bit_the_plain_expression():
             g = torch.Generator().manual_seed(seed)
             mats = affine_matrices(7, opts, g, "cpu")
             warp = warp_homographies(7, opts, g, "cpu")
-            assert torch.equal(
-                sampling_grid(mats, size, align, warp), plain(mats, size, align, warp)
-            )
+            expect = plain(mats, size, align, warp)
+            assert torch.equal(sampling_grid(mats, size, align, warp), expect)
+            # the GPU's path (no host sync: the fallback chosen on the device) gives the same bits
+            assert torch.equal(sampling_grid(mats, size, align, warp, sync_free=True), expect)
             assert torch.equal(sampling_grid(mats, size, align), plain(mats, size, align, None))
 
 
@@ -179,5 +180,7 @@ def test_sampling_grid_keeps_the_unwarped_grid_where_a_denominator_is_zero():
     warp[0, 2] = torch.tensor([1.0, 0.0, 0.0])  # w = x
     affine = F.affine_grid(mats[:, :2], [2, 3, 5, 5], align_corners=True)
     assert torch.allclose(sampling_grid(mats, 5, True, warp), affine, atol=1e-7)
+    fallback = sampling_grid(mats, 5, True, warp, sync_free=True)  # decided on the device
+    assert torch.equal(fallback, sampling_grid(mats, 5, True, warp))
     warp[0, 2] = torch.tensor([0.25, 0.0, 1.0])  # w = 1 + x/4: never 0, so the warp applies
     assert not torch.allclose(sampling_grid(mats, 5, True, warp), affine, atol=1e-3)

@@ -110,3 +110,18 @@ def test_fine_tune_is_fastais_two_calls():
     assert (unfrozen.epochs, unfrozen.freeze) == (4, False)
     assert (unfrozen.cycle.pct_start, unfrozen.cycle.div) == (0.3, 5.0)
     assert discriminative_lrs(unfrozen.lr, 3) == pytest.approx([1e-5, 1e-4, 1e-3])
+
+
+def test_smooth_loss_on_a_tensor_is_the_float_average_bit_for_bit():
+    """The training loop keeps the running loss on the device (no sync per step): float64
+    tensor updates give exactly the Python floats' values."""
+    from cassava_pipeline.vision.schedule import SmoothLoss
+
+    losses = torch.rand(300, generator=torch.Generator().manual_seed(3), dtype=torch.float32) * 3
+    on_floats, on_tensors = SmoothLoss(), SmoothLoss()
+    assert math.isnan(on_tensors.value)
+    for v in losses:
+        a = on_floats.update(float(v))
+        b = on_tensors.update(v.double())
+        assert isinstance(b, torch.Tensor) and float(b) == a
+    assert on_tensors.value == on_floats.value == a

@@ -25,6 +25,7 @@ Normalisation comes last.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,7 +127,17 @@ def _perspective_coeffs(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         rows.append(torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], 1))
     a = torch.stack(rows, 1)
     b = src.reshape(src.shape[0], 8, 1)
-    return torch.linalg.solve(a, b)[..., 0]
+    # solve_ex: linalg.solve's kernel without its singularity check, which on a GPU waits for
+    # the result to reach the CPU. fastai's corner moves (|x|, |y| <= max_warp) never make the
+    # system singular.
+    return torch.linalg.solve_ex(a, b)[0][..., 0]
+
+
+@functools.cache
+def _corners(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The four corners of normalised coordinates, copied to ``device`` once (a copy from the
+    CPU each batch would make the CPU wait for the GPU)."""
+    return torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=dtype, device=device)
 
 
 def warp_homographies(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
@@ -135,8 +146,7 @@ def warp_homographies(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
     mag = opts.max_warp * opts.mult
     xt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
     yt = _mask(_uniform(n, -mag, mag, g, device), opts.p_affine, 0.0, g, device)
-    orig = torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=xt.dtype, device=device)
-    orig = orig.unsqueeze(0).expand(n, 4, 2)
+    orig = _corners(xt.dtype, xt.device).unsqueeze(0).expand(n, 4, 2)
     targ = torch.stack(
         [
             torch.stack([-1 - yt, -1 - xt], 1),
@@ -151,7 +161,12 @@ def warp_homographies(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
 
 
 def sampling_grid(
-    mats: torch.Tensor, size: int, align_corners: bool, warp: torch.Tensor | None = None
+    mats: torch.Tensor,
+    size: int,
+    align_corners: bool,
+    warp: torch.Tensor | None = None,
+    *,
+    sync_free: bool | None = None,
 ) -> torch.Tensor:
     """The (n, size, size, 2) grid ``grid_sample`` reads: ``F.affine_grid(mats[:, :2])``, then
     fastai's perspective ``warp`` of those coordinates, as one homography per image applied
@@ -159,7 +174,8 @@ def sampling_grid(
     grid, then warps it with a batched matmul: the same map, 5 ms less per batch of 32 at 128).
     Where a warp's denominator is 0 somewhere, fastai keeps the unwarped grid; so does this.
     Each coordinate is computed in place and written straight into the grid (no stacking copy):
-    the same values, bit for bit, in half the time."""
+    the same values, bit for bit, in half the time. ``sync_free`` (default: off the CPU) decides
+    the fallback on the device instead of in Python (no wait for the GPU; both maps computed)."""
     n = mats.shape[0]
     lin = torch.linspace(-1.0, 1.0, size, dtype=mats.dtype, device=mats.device)
     if not align_corners:  # affine_grid's pixel centres
@@ -173,7 +189,15 @@ def sampling_grid(
     if warp is not None:
         r = (warp @ mats).reshape(n, 9, 1, 1)
         w = row(r, 6)
-        if not (w == 0).any():
+        zero = (w == 0).any()
+        if mats.device.type != "cpu" if sync_free is None else sync_free:
+            # Asking the GPU whether any denominator is 0 would stall the CPU until the GPU has
+            # caught up: compute both maps and let the device pick (the same values).
+            plain = mats.reshape(n, 9, 1, 1)
+            for i, k in ((0, 0), (1, 3)):
+                torch.where(zero, row(plain, k), row(r, k) / w, out=grid[..., i])
+            return grid
+        if not zero:
             torch.div(row(r, 0), w, out=grid[..., 0])
             torch.div(row(r, 3), w, out=grid[..., 1])
             return grid
@@ -223,6 +247,14 @@ class BatchAugment:
         self.opts = opts
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per device and dtype
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on ``x``'s device, copied there once (not once per batch)."""
+        key = (x.device, x.dtype)
+        if key not in self._on:
+            self._on[key] = (self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype))
+        return self._on[key]
 
     def geometry(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
         """Resample float images once through the composed grid."""
@@ -249,5 +281,5 @@ class BatchAugment:
         x = self.geometry(x, train, generator)
         if train and self.opts.max_lighting * self.opts.mult:
             x = lighting(x, self.opts, generator, x.device)
-        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        mean, std = self._stats(x)
         return x.sub_(mean).div_(std)  # x is this call's own tensor (grid_sample's output)

@@ -114,15 +114,26 @@ def lr_at(i: int, options: LrFindOptions) -> float:
 
 
 class SmoothLoss:
-    """fastai's debiased exponential moving average of the loss."""
+    """fastai's debiased exponential moving average of the loss.
+
+    ``update`` takes a Python float or a float64 tensor: a tensor keeps the average on its
+    device, so a training step need not wait for the GPU to read its loss (the same float64
+    operations in the same order: the same values, bit for bit). :attr:`value` reads it."""
 
     def __init__(self, beta: float = 0.98):
         self.beta, self.avg, self.count = beta, 0.0, 0
 
-    def update(self, loss: float) -> float:
+    def update(self, loss: float | torch.Tensor) -> float | torch.Tensor:
         self.count += 1
         self.avg = self.beta * self.avg + (1 - self.beta) * loss
         return self.avg / (1 - self.beta**self.count)
+
+    @property
+    def value(self) -> float:
+        """The debiased average as a Python float (NaN before the first update)."""
+        if not self.count:
+            return math.nan
+        return float(self.avg) / (1 - self.beta**self.count)
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, int]:
