@@ -34,7 +34,7 @@ sample: $(VENV)/.installed conf/local/credentials.yml
 	fi
 
 run: sample
-	$(BIN)/kedro run --pipeline=cassava
+	$(BIN)/kedro run --pipelines=cassava
 
 test: $(VENV)/.installed-dev conf/local/credentials.yml lint
 	$(BIN)/python -m pytest

@@ -5,7 +5,7 @@
 Starts ``mlflow server`` on loopback (SQLite backend, in a temporary folder), times
 ``cassava_pipeline.fallback.server_answers`` against it (the check made before each node, each
 save to an MLflow dataset and at the end of a run) and against a port nobody listens on (a dead
-server), counts the checks one ``kedro run --pipeline=cassava`` makes (its nodes plus the MLflow
+server), counts the checks one ``kedro run --pipelines=cassava`` makes (its nodes plus the MLflow
 datasets it saves, plus one), and prints their total against the demo's run time.
 """
 
@@ -87,7 +87,7 @@ def main() -> None:
     total = checks * live
     print(f"health check, live server on loopback: {live * 1000:.2f} ms per call")
     print(f"health check, nobody listening:        {dead * 1000:.2f} ms per call")
-    print(f"checks in one --pipeline=cassava run:  {checks}")
+    print(f"checks in one --pipelines=cassava run:  {checks}")
     print(
         f"total per run: {total * 1000:.1f} ms = {100 * total / args.run_seconds:.3f}% of a "
         f"{args.run_seconds:.0f} s demo run"

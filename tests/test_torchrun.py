@@ -110,7 +110,7 @@ def spawned(data_ready, tmp_path_factory) -> Path:
     ("nnodes", "nproc", "params", "pipeline"),
     [
         (2, 1, "runtime.devices=1,runtime.num_nodes=2", "--pipelines=train"),
-        (1, 2, "runtime.devices=2", "--pipeline=cassava"),  # the data half again, and evaluate
+        (1, 2, "runtime.devices=2", "--pipelines=cassava"),  # the data half again, and evaluate
     ],
     ids=["two-machines-train", "one-machine-two-processes-cassava"],
 )
@@ -139,7 +139,7 @@ def test_torchrun_trains_like_devices_2(
                 for r in (root, spawned))  # fmt: skip
         assert a.drop(columns="seconds").equals(b.drop(columns="seconds"))
     assert "Traceback" not in logs
-    if pipeline == "--pipeline=cassava":  # rank 0 wrote the evaluation once
+    if pipeline == "--pipelines=cassava":  # rank 0 wrote the evaluation once
         assert json.loads((root / "data" / "08_reporting" / "metrics.json").read_text())
         assert run.data.metrics["final_metrics.tta_accuracy"] >= 0
 

@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -499,7 +500,19 @@ class KedroMlflowHooks:
 
     def __init__(self, inner: Any = None) -> None:
         if inner is None:
-            from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook  # noqa: PLC0415
+            # kedro-mlflow's KedroPipelineModel (a pyfunc of whole pipelines, unused here) has no
+            # type hints on its predict, and MLflow warns when the class is defined: at this
+            # import, in every run. Not ours to annotate, nothing for a user to act on. MLflow
+            # sets its own "once" filter around that check, so an "ignore" filter cannot reach
+            # it: the import's warnings are recorded and all but that one shown again. Kedro's
+            # logging set-up (which reroutes warnings, and would undo the recording) runs first.
+            import kedro.framework.project  # noqa: F401, PLC0415
+
+            with warnings.catch_warnings(record=True) as caught:
+                from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook  # noqa: PLC0415
+            for w in caught:
+                if "Add type hints to the `predict`" not in str(w.message):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
             inner = mlflow_hook
         self._inner = inner

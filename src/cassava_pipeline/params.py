@@ -313,6 +313,7 @@ class InterpretParams(Block):
 
 
 class PredictParams(Block):
+    images: str | None = None  # the catalog's predict_images reads it (--params=predict.images)
     tta: bool
     batch_size: PositiveInt
     workers: NonNegativeInt

@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import register_dataset_source
 from mlflow.entities import Metric
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
@@ -212,19 +215,66 @@ def run_name(params: dict[str, Any], env: str) -> str:
         return env
 
 
+class ImageFolderSource(DatasetSource):
+    """An image folder on this machine, as the source of a logged MLflow dataset.
+
+    A plain path string would be resolved by MLflow's registry, where two sources claim local
+    paths and every run warns "can be interpreted in multiple ways"; an explicit source says what
+    it is. Registered, so ``mlflow.data.get_source`` reads it back from a run."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "image_folder"
+
+    def load(self, dst_path: str | None = None) -> str:
+        return self._uri  # already local: the folder itself
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False  # only ever passed explicitly, never guessed from a string
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> ImageFolderSource:
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self._uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> ImageFolderSource:
+        return cls(source_dict["uri"])
+
+
+register_dataset_source(ImageFolderSource)
+
+# MLflow hints, for any schema with integer columns, that integers cannot hold missing values at
+# serving time. That concerns a model signature's enforcement; these tables are only recorded
+# (the model's signature is written out in full in mlflow_model.py), so it says nothing to act on.
+_INTEGER_HINT = "Hint: Inferred schema contains integer column"
+
+
 def log_data_inputs(split_manifest: pd.DataFrame, source: str, name: str) -> None:
     """The training and validation sides of the split as MLflow dataset inputs of the active run,
     each with its content digest: the runs table's Dataset column shows which data a run saw."""
     for valid, context in ((False, "training"), (True, "validation")):
         side = split_manifest[split_manifest["is_valid"] == valid].reset_index(drop=True)
-        dataset = mlflow.data.from_pandas(
-            side,
-            source=source,
-            name=f"{name}-{'valid' if valid else 'train'}",
-            digest=frame_hash(side)[:16],
-            targets="label" if "label" in side.columns else None,
-        )
-        mlflow.log_input(dataset, context=context)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_INTEGER_HINT)
+            dataset = mlflow.data.from_pandas(
+                side,
+                source=ImageFolderSource(source),
+                name=f"{name}-{'valid' if valid else 'train'}",
+                digest=frame_hash(side)[:16],
+                targets="label" if "label" in side.columns else None,
+            )
+            mlflow.log_input(dataset, context=context)
 
 
 def run_tags(project_path: Path, accelerator: str = "auto") -> dict[str, str]:
@@ -273,7 +323,11 @@ class CassavaPyfunc(PythonModel):
     def load_context(self, context) -> None:
         self.classifier = Classifier.load(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # pandas in and out: MLflow validates against the logged signature (a DataFrame hint infers
+    # no schema of its own), and without hints it warns at every save and load
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             column = "image" if "image" in model_input.columns else model_input.columns[0]
             values = model_input[column].tolist()

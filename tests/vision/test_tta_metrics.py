@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -49,6 +50,25 @@ def test_metrics_on_hand_made_predictions_match_sklearn_and_hand_values():
     assert m2["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     with pytest.raises(ValueError, match="empty"):
         classification_metrics(np.zeros((0, 3)), np.zeros(0), ["a", "b", "c"])
+
+
+def test_balanced_accuracy_is_sklearns_without_its_warning(recwarn):
+    """Mean recall over the classes the validation set holds, to the bit, on random predictions
+    with every class present and with classes missing from it (predicted or not)."""
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(2, 7))
+        probs = rng.random((n, k))
+        present = rng.choice(k, size=int(rng.integers(1, k + 1)), replace=False)
+        y = rng.choice(present, size=n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn's, for predicted-but-absent classes
+            expected = skm.balanced_accuracy_score(y, probs.argmax(1))
+        got = classification_metrics(probs, y, [str(i) for i in range(k)])["balanced_accuracy"]
+        assert got == expected, trial
+    recwarn.clear()
+    classification_metrics(np.eye(3)[[0, 1, 2]], np.array([0, 0, 1]), ["a", "b", "c"])
+    assert not [w for w in recwarn if "y_true" in str(w.message)]
 
 
 def test_tta_on_a_model(tmp_path):

@@ -21,13 +21,13 @@ class ImageRootDataset(AbstractDataset[None, Path]):
         self.metadata = metadata
 
     def load(self) -> Path:
-        return self._path.resolve()
+        return self._path.expanduser().resolve()
 
     def save(self, data: None) -> None:
         raise DatasetError(f"{self._path} is raw input: ImageRootDataset is read-only")
 
     def _exists(self) -> bool:
-        return self._path.is_dir()
+        return self._path.expanduser().is_dir()
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}

@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.export import ExportedModel
+from cassava_pipeline.vision.export import ExportedModel, ExportError
 
 from .checkpoint import write_atomic_rank0
 
@@ -23,6 +23,12 @@ class ExportedModelDataset(AbstractDataset[ExportedModel, ExportedModel]):
         self.metadata = metadata
 
     def load(self) -> ExportedModel:
+        if not self._path.is_file():
+            raise ExportError(
+                f"No trained model at {self._path}. Models live apart per --env and data set "
+                "(--params=data.raw=...): train one first with the same --env and data.raw "
+                "(kedro run --pipelines=cassava ...), then predict with those same options."
+            )
         return ExportedModel.from_bytes(self._path.read_bytes(), source=str(self._path))
 
     def save(self, data: ExportedModel) -> None:

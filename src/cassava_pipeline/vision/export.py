@@ -154,7 +154,7 @@ def _card_header(data: bytes, source: str) -> dict[str, Any]:
     if header.get("format") != MODEL_FORMAT:
         raise ExportError(
             f"{source} is format {header.get('format')!r}, expected {MODEL_FORMAT!r}: "
-            "export it with `kedro run --pipeline=cassava` (node export_model)"
+            "export it with `kedro run --pipelines=cassava` (node export_model)"
         )
     return header
 

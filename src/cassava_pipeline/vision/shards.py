@@ -111,7 +111,7 @@ class ShardedImages:
         if not meta_path.exists():
             raise FileNotFoundError(
                 f"{self.directory} holds no presized images ({META_FILE} is missing); "
-                "run the presize nodes first: kedro run --pipeline=cassava"
+                "run the presize nodes first: kedro run --pipelines=cassava"
             )
         self.meta = read_meta(self.directory)
         verify_shards(self.directory, self.meta)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from cassava_pipeline.vision import allocator
 from cassava_pipeline.vision.export import ExportedModel
+from cassava_pipeline.vision.layouts import LayoutError
 from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.run import inference_device
 from cassava_pipeline.vision.tta import TtaOptions
@@ -29,6 +30,11 @@ def predict_images(
 
     An unreadable image is logged and reported; it never stops the run.
     """
+    if not images_root.is_dir():
+        raise LayoutError(
+            f"predict.images: {images_root} is not a folder. Give a folder of photos: "
+            '--params="predict.images=/path/to/new_photos"'
+        )
     names = list_folder(images_root)
     options = TtaOptions(**tta_params) if params["tta"] else None
     allocator.apply(runtime_params.get("malloc", allocator.DEFAULT_MODE))
