@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_check.sh               # on a CUDA machine: under 8 minutes on one H100/H200
     bash benchmarks/gpu_check.sh --cpu-smoke   # the same code paths on a CPU, tiny, under 3 minutes
+    bash benchmarks/gpu_check.sh --data-only   # the stand-in and the data half alone (prepares)
 
 Nothing is downloaded. It draws a Kaggle-shaped stand-in (``vision/sample.py``: 800x600 JPEGs in
 Kaggle's layout, Kaggle's class mix) into ``--work`` or reuses the one drawn there before, then
@@ -433,6 +434,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=None, help="stand-in size")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument(
+        "--data-only", action="store_true", help="the stand-in and the data half alone (prepare)"
+    )
     args = ap.parse_args()
     plan = CPU_SMOKE if args.cpu_smoke else GPU
     plan = replace(plan, images=args.images or plan.images, epochs=args.epochs or plan.epochs)
@@ -452,7 +456,7 @@ def main() -> int:
     raw = args.work / "raw"
     part("stand-in", results, stand_in, raw, plan.images)
     data = part("data half", results, data_half, raw, args.work, plan)
-    if data is not None:
+    if data is not None and not args.data_only:
         small, large = data[1]
         runtime = RuntimeConfig(
             accelerator=plan.accelerator, precision=plan.precision, progress=False
