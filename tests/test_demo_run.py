@@ -64,8 +64,10 @@ def _project(tmp: Path) -> Path:
 ENV = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg"}
 
 
-def _kedro(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = ENV
+def _kedro(
+    root: Path, *args: str, ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**ENV, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "kedro", *args],
         check=False,
@@ -661,3 +663,45 @@ def test_predict_says_where_a_model_is_missing(demo: Path, tmp_path: Path):
     assert "No trained model at " in tail[1] and "/data/06_models/untrained-" in tail[1]
     assert "train one first with the same --env and data.raw" in tail[1]
     assert "Traceback" not in proc.stderr
+
+
+# Loaded at the start of the kedro process (Python imports sitecustomize from sys.path): the
+# rename that puts one named output in place fails as a full or a read-only disk makes it fail.
+DISK_FAULT = """
+import errno, os
+_name, _code = os.environ["CASSAVA_TEST_DISK_FAULT"].split(":")
+_real = os.replace
+def _replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(dst)) == _name:
+        code = getattr(errno, _code)
+        raise OSError(code, os.strerror(code), os.fspath(dst))
+    return _real(src, dst, *args, **kwargs)
+os.replace = _replace
+"""
+
+
+@pytest.mark.slow
+def test_a_full_or_read_only_disk_stops_the_run_with_one_message_and_loses_nothing(
+    demo: Path, tmp_path: Path
+):
+    """ENOSPC, then EROFS, on the data report's write: each run exits 1 with the cause and what
+    to do as its last lines, no traceback; the report from before is unchanged, no temporary is
+    left under data/, MLflow marks the run FAILED. With the disk fixed the next run succeeds."""
+    (tmp_path / "sitecustomize.py").write_text(DISK_FAULT)
+    report = demo / "data" / "08_reporting" / "data_report.json"
+    before = report.read_bytes()
+    for code, todo in (("ENOSPC", "Free space on that disk"), ("EROFS", "writable for this user")):
+        fault = {"PYTHONPATH": str(tmp_path), "CASSAVA_TEST_DISK_FAULT": f"data_report.json:{code}"}
+        proc = _kedro(demo, "run", "--pipelines=cassava", ok=False, env=fault)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        tail = proc.stderr.strip().splitlines()[-2:]
+        assert tail[0] == "The run stopped: WriteError", proc.stderr[-3000:]
+        assert tail[1].startswith(f"Could not write {report}: ") and todo in tail[1]
+        assert "Traceback" not in proc.stderr
+        assert report.read_bytes() == before
+        assert not [p for p in (demo / "data").rglob(".*") if ".tmp-" in p.name]
+        latest = _runs(demo)[0]  # newest first
+        assert latest.info.status == "FAILED"
+    _kedro(demo, "run", "--pipelines=ingest")  # the disk fixed
+    assert json.loads(report.read_text())["n_images"] == json.loads(before)["n_images"]
+    assert _runs(demo)[0].info.status == "FINISHED"

@@ -3,9 +3,10 @@
 Kedro loads this module's ``cli`` group and lets its commands override the built-in ones. Our
 ``run`` is Kedro's command, unchanged in its options; when the run stops on one of this
 project's known errors (bad parameters, a layout that does not match the data, too many unusable
-images, a damaged file, missing weights, a project already running), the last lines printed are
-the cause and what to do, without a traceback through Kedro's internals. Any other exception is
-raised as before, with its traceback: that is a bug to report.
+images, a damaged file, missing weights, a project already running, an output a read-only or
+full disk would not take), the last lines printed are the cause and what to do, without a
+traceback through Kedro's internals. Any other exception is raised as before, with its
+traceback: that is a bug to report.
 
 The command also spares Python's cyclic garbage collector the objects that live for the whole run
 (:func:`freeze_long_lived`): torch, MLflow, Kedro and the rest, about 550,000 objects when the
@@ -25,6 +26,7 @@ from kedro.framework.cli.project import run as kedro_run
 
 from cassava_pipeline.params import ParameterError
 from cassava_pipeline.runlock import ProjectBusyError
+from cassava_pipeline.vision.atomic import WriteError
 from cassava_pipeline.vision.export import ExportError
 from cassava_pipeline.vision.ingest import IngestError
 from cassava_pipeline.vision.integrity import IntegrityError
@@ -44,6 +46,7 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (
     WeightsError,
     ExportError,
     ProjectBusyError,
+    WriteError,
 )
 
 

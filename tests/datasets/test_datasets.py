@@ -164,3 +164,92 @@ def test_atomic_writes_keep_the_format_and_sweep_dead_writers(tmp_path: Path):
     other.parent.mkdir()
     other.write_text("{")
     assert remove_dead_temps_under(tmp_path) == [Path("deep") / other.name]
+
+
+def _failing_on(monkeypatch, call: str, error: int, when=lambda *a: True) -> None:
+    """``os.<call>`` (or ``os.fsync`` etc.) raises ``error`` where ``when(args)`` holds: the disk
+    filling up, or a folder turning read-only, at that very step of a write."""
+    import errno as _errno
+    import os
+
+    real = getattr(os, call)
+
+    def fake(*args, **kwargs):
+        if when(*args):
+            raise OSError(error, os.strerror(error), str(args[0]) if args else None)
+        return real(*args, **kwargs)
+
+    assert error in (_errno.ENOSPC, _errno.EROFS)
+    monkeypatch.setattr(os, call, fake)
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EROFS"])
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_a_full_or_read_only_disk_leaves_every_writer_as_it_was(
+    kaggle_dir: Path, tmp_path: Path, monkeypatch, error: str, step: str
+):
+    """JSON (a kedro-datasets file), a checkpoint (write_atomic, with and without keeping the
+    previous file) and a shard folder: each write failing at the given step raises WriteError
+    naming the output and what to do; the previous content is untouched and no temporary
+    remains."""
+    import errno
+    import os
+
+    import torch
+
+    from cassava_pipeline.datasets import CheckpointDataset
+    from cassava_pipeline.datasets.atomic import JSONDataset
+    from cassava_pipeline.vision.atomic import WriteError, write_atomic
+
+    code = getattr(errno, error)
+    report = JSONDataset(filepath=str(tmp_path / "reports" / "data_report.json"))
+    report.save({"n": 1})
+    ckpt = CheckpointDataset(path=str(tmp_path / "models" / "frozen.pt"))
+    ckpt.save({"model": {"w": torch.ones(2)}, "stage": "old"})
+    kept = tmp_path / "resume" / "last.pt"
+    write_atomic(kept, lambda fh: fh.write(b"epoch 1"))
+    shards = ImageShardsDataset(path=str(tmp_path / "presized" / "small"))
+    shards.save(_job(kaggle_dir, 12))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    new_job = _job(kaggle_dir, 16)
+
+    with monkeypatch.context() as m:
+        if step == "fsync":  # the data itself does not fit / cannot be written
+            _failing_on(m, "fsync", code)
+        else:  # the rename into place fails, after the temporary was written whole
+            _failing_on(m, "replace", code, lambda src, dst: ".tmp-" in str(src))
+            _failing_on(m, "rename", code, lambda src, dst: ".tmp-" in str(src))
+        writes = [
+            (report.save, {"n": 2}, "data_report.json"),
+            (ckpt.save, {"model": {"w": torch.zeros(2)}, "stage": "new"}, "frozen.pt"),
+            (
+                lambda d: write_atomic(
+                    kept, lambda fh: fh.write(d), keep_previous=kept.with_name("prev.pt")
+                ),
+                b"epoch 2",
+                "last.pt",
+            ),
+            (shards.save, new_job, "small"),
+        ]
+        for save, data, name in writes:
+            if name == "small" and step == "fsync":
+                continue  # shard files are not fsynced one by one; the rename step covers it
+            with pytest.raises(Exception) as info:
+                save(data)
+            cause = info.value
+            while not isinstance(cause, WriteError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            assert isinstance(cause, WriteError), (name, info.value)
+            text = str(cause)
+            assert f"Could not write {tmp_path}" in text and name in text
+            assert os.strerror(code) in text and "then run again" in text
+            assert ("Free space" if error == "ENOSPC" else "writable") in text
+            assert "unchanged" in text
+
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # every previous output intact, byte for byte
+    assert not [p for p in tmp_path.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    report.save({"n": 3})  # the disk fixed: the same writers succeed
+    assert report.load() == {"n": 3}
+    shards.save(new_job)
+    assert shards.load().size == 16

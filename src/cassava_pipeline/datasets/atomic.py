@@ -24,7 +24,7 @@ from kedro_datasets.pandas import CSVDataset as _CSVDataset
 from kedro_datasets.pandas import ParquetDataset as _ParquetDataset
 from kedro_datasets.pillow import ImageDataset as _ImageDataset
 
-from cassava_pipeline.vision.atomic import fsync_dir, remove_dead_temps, temp_path
+from cassava_pipeline.vision.atomic import fsync_dir, remove_dead_temps, temp_path, writing
 from cassava_pipeline.vision.dist import on_rank_zero
 
 
@@ -56,23 +56,22 @@ class AtomicWrites:
             write(data)  # an object store, or Matplotlib's folder of figures: written as is
             return
         final = Path(str(super()._get_save_path()))  # type: ignore[misc]
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temps(final)
         tmp = temp_path(final, os.getpid(), keep_suffix=True)
         self._atomic_target = PurePosixPath(tmp.as_posix())
         try:
-            write(data)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            with writing(final, tmp):  # a read-only or full disk: one message, nothing left
+                final.parent.mkdir(parents=True, exist_ok=True)
+                remove_dead_temps(final)
+                write(data)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
         finally:
             self._atomic_target = None
-            if tmp.is_file():
-                tmp.unlink()
         self._invalidate_cache()  # type: ignore[attr-defined]
 
     _save = save  # Kedro makes ``_save`` the dataset's save when a class defines it

@@ -10,7 +10,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path
+from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path, writing
 from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.integrity import display_path
 from cassava_pipeline.vision.presize import META_FILE, PresizeJob, write_shards
@@ -42,8 +42,9 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         on_rank_zero(lambda: self._write(data))
 
     def _write(self, data: PresizeJob) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temps(self._path)  # a presize killed mid-way (kill -9) left its folder
+        with writing(self._path):
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            remove_dead_temps(self._path)  # a presize killed mid-way (kill -9) left its folder
         where = display_path(self._path)
         reason = stale_reason(self._path, data)
         if reason is None:
@@ -65,17 +66,20 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         tmp = temp_path(self._path, os.getpid())
         old = temp_path(self._path, os.getpid(), "old")
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with writing(self._path, tmp):  # a read-only or full disk: one message, nothing left
             if twin is not None:
                 _link_tree(twin, tmp)
             else:
                 write_shards(data, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if self._path.exists():
-            self._path.rename(old)
-        tmp.rename(self._path)
+            moved = self._path.exists()
+            if moved:
+                self._path.rename(old)
+            try:
+                tmp.rename(self._path)
+            except BaseException:
+                if moved:  # the previous shards back where they were
+                    old.rename(self._path)
+                raise
         shutil.rmtree(old, ignore_errors=True)
 
     def _twin(self, data: PresizeJob) -> Path | None:

@@ -9,11 +9,13 @@ output (:func:`remove_dead_temps`); both say so.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,23 +81,95 @@ def remove_dead_temps_under(root: Path) -> list[Path]:
     return _report(removed, str(root))
 
 
+class WriteError(RuntimeError):
+    """An output could not be written for a reason of the machine's (a read-only folder, no
+    permission, a full disk): the message names the output and what to do. The file or folder
+    it would have replaced is as it was, and no temporary is left.
+
+    Not an ``OSError``, so that code skipping unreadable inputs never takes it for one."""
+
+    def __init__(self, message: str, target: Path, errno_: int) -> None:
+        super().__init__(message)
+        self.target, self.errno = target, errno_
+
+
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def as_write_error(target: Path, error: OSError) -> WriteError | None:
+    """The project's message for ``error`` met while writing ``target``, when it is one the
+    user fixes on the machine; ``None`` for any other (a bug: its traceback is shown)."""
+    folder = target.parent
+    if error.errno in _FULL:
+        todo = (
+            f"Free space on that disk (df -h {folder}; the presized shards and checkpoints under "
+            "data/ are the largest: du -sh data/*)"
+        )
+    elif error.errno in _NOT_WRITABLE:
+        todo = (
+            f"Make {folder} writable for this user (or run from a copy of the project that "
+            "is), or point the outputs elsewhere in conf/<env>/catalog.yml"
+        )
+    else:
+        return None
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(target) else ""
+    message = (
+        f"Could not write {target}: {error.strerror}{where}. {todo}, then run again. What was "
+        "there before is unchanged and nothing half-written was left; stages that finished "
+        "are reused."
+    )
+    return WriteError(message, target, error.errno)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(target: Path, *temps: Path) -> Iterator[None]:
+    """Around the writing of ``target`` through ``temps``: on any failure the temporaries are
+    removed, and a failure of the machine's (read-only, full disk) is raised as a
+    :class:`WriteError` that says what to do."""
+    try:
+        yield
+    except BaseException as e:
+        for tmp in temps:
+            _remove(tmp)
+        if isinstance(e, OSError) and (error := as_write_error(target, e)) is not None:
+            raise error from e
+        raise
+
+
 def write_atomic(
     path: Path, write: Callable[[BinaryIO], None], *, keep_previous: Path | None = None
 ) -> None:
     """Write ``path`` through a synced temporary sibling renamed into place, so a killed
     process never leaves half a file; ``keep_previous``: the file it replaces is renamed there
-    first. Temporaries of dead writers of ``path`` are removed before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path)
+    first. Temporaries of dead writers of ``path`` are removed before. A write that fails leaves
+    ``path`` as it was (:func:`writing`)."""
     tmp = temp_path(path, os.getpid())
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(path)
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        moved = keep_previous is not None and path.exists()
+        if moved:
+            os.replace(path, keep_previous)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if moved:  # put the previous file back where it was
+                os.replace(keep_previous, path)
+            raise
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
