@@ -135,6 +135,60 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert not (root / "data" / "06_models" / "mixup.pt").exists()  # not the default env's
 
 
+def _mlflow(root: Path):
+    """The project's MLflow client and every run of every experiment, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client, sorted(client.search_runs(ids), key=lambda r: r.info.start_time)
+
+
+def _dvc_runs(root: Path) -> list[tuple[object, dict[str, object]]]:
+    """Each top-level run, oldest first, with its nested stage runs by stage name."""
+    _, runs = _mlflow(root)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return [
+        (
+            p,
+            {
+                r.data.tags["dvc.stage"]: r
+                for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == p.info.run_id
+            },
+        )
+        for p in parents
+    ]
+
+
+@pytest.mark.slow
+def test_one_dvc_repro_is_one_mlflow_run_with_its_stages_nested(repo):
+    """The first repro: one top-level run named for it, carrying every parameter, the stages'
+    histories and the final metrics; data, train and evaluate nested under it, named by stage.
+    The second repro ran nothing and recorded nothing."""
+    root = repo["root"]
+    client, _ = _mlflow(root)
+    first = _dvc_runs(root)[0]
+    parent, stages = first
+    assert set(stages) == {"data", "train", "evaluate"}
+    assert parent.info.run_name.startswith("dvc repro: ci tf_efficientnet_lite0")
+    assert all(run.info.run_name.startswith(f"{s}: ci ") for s, run in stages.items())
+    assert parent.info.status == "FINISHED" and parent.data.tags["dvc.last_stage"] == "evaluate"
+    params = parent.data.params
+    assert params["frozen.train.epochs"] == "1" and params["tta.beta"] == "0.25"
+    assert params["ingest.layout"] == stages["data"].data.params["ingest.layout"]
+    metrics = parent.data.metrics
+    tta = stages["evaluate"].data.metrics["final_metrics.tta_accuracy"]
+    assert metrics["final_metrics.tta_accuracy"] == tta
+    steps = [m.step for m in client.get_metric_history(parent.info.run_id, "accuracy")]
+    assert steps == [0, 1, 2]  # the three training stages' epochs, from the train stage
+    assert {"seconds/data", "seconds/train", "seconds/evaluate"} <= set(metrics)
+    tags = parent.data.tags
+    assert tags["git_commit"] == stages["train"].data.tags["git_commit"] != ""
+    assert tags["data_hash"] == stages["data"].data.tags["data_hash"]
+    assert "version.torch" in tags
+
+
 def _set_param(root: Path, key: str, value: str) -> None:
     """Edit a Kedro parameters file as a user would (one line), keeping its comments."""
     path = root / "conf" / "base" / "parameters_train.yml"
@@ -179,14 +233,19 @@ def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
     git(root, "add", "-A")
     git(root, "commit", "-qm", "wd 0.05")
 
-    # an experiment on an evaluation parameter: only evaluate reruns
-    log = dvc(root, "exp", "run", "-S", "conf/base/parameters_evaluate.yml:tta.beta=0.5")
-    assert ran(log) == ["params", "evaluate"]
+    # two experiments on an evaluation parameter: only evaluate reruns
+    for beta in ("0.5", "0.75"):
+        log = dvc(root, "exp", "run", "-S", f"conf/base/parameters_evaluate.yml:tta.beta={beta}")
+        assert ran(log) == ["params", "evaluate"]
     rows = json.loads(dvc(root, "exp", "show", "--json"))
     baseline = next(r for r in rows if r["rev"] != "workspace")
     exps = [e for r in rows for e in (r.get("experiments") or [])]
-    assert len(exps) == 1
-    (exp_run,) = exps[0]["revs"]
+    assert len(exps) == 2
+    exp_run = next(
+        e["revs"][0]
+        for e in exps
+        if e["revs"][0]["data"]["params"][params_file(root)]["data"]["tta"]["beta"] == 0.5
+    )
 
     def summary(entry) -> tuple[float, float, float]:
         data = entry["data"]
@@ -202,6 +261,25 @@ def test_a_training_parameter_reruns_train_and_evaluate_then_experiments(repo):
     assert summary(exp_run)[:2] == (0.05, 0.5)
     for entry in (baseline, exp_run):
         assert 0 <= summary(entry)[2] <= 1
+
+    # in MLflow: the repro, then each experiment, one top-level run each, named after DVC's
+    # experiment, with its parameters and TTA accuracy as DVC shows them
+    runs = _dvc_runs(root)
+    repro, *experiments = runs[-3:]
+    assert (
+        set(repro[1]) == {"train", "evaluate"} and repro[0].data.params["mixup.train.wd"] == "0.05"
+    )
+    for e in exps:
+        (rev,) = e["revs"]
+        name = rev.get("name") or e.get("name")
+        parent, stages = next(r for r in experiments if r[0].data.tags["dvc.experiment"] == name)
+        assert parent.info.run_name.startswith(f"{name}: ") and set(stages) == {"evaluate"}
+        wd, beta, tta = summary(rev)
+        assert parent.data.params["tta.beta"] == str(beta) and parent.data.params[
+            "mixup.train.wd"
+        ] == str(wd)
+        assert parent.data.metrics["final_metrics.tta_accuracy"] == pytest.approx(tta, abs=1e-12)
+        assert parent.data.tags["dvc.baseline_rev"] == baseline["rev"]
 
 
 @pytest.mark.slow

@@ -285,3 +285,30 @@ def test_a_nodes_parameters_go_to_mlflow_in_one_batch(store, monkeypatch):
                            "train.lr": "[1e-05, 0.001]"}  # fmt: skip
     assert data.tags["note"] == long
     assert "_log_param" not in vars(inner)  # kedro-mlflow's own method again
+
+
+def test_dvc_invocation_is_read_from_what_dvc_passes_its_stages():
+    from cassava_pipeline.dvc_runs import flatten, invocation
+
+    assert invocation({}) is None  # not under DVC
+    exp = {
+        "DVC_STAGE": "sub/dvc.yaml:train",
+        "DVC_EXP_NAME": "lucid-owl",
+        "DVC_EXP_BASELINE_REV": "ab12",
+    }
+    inv = invocation(exp)
+    assert (inv.stage, inv.key, inv.title, inv.baseline) == (
+        "train",
+        "exp:lucid-owl:ab12",
+        "lucid-owl",
+        "ab12",
+    )
+    assert invocation({**exp, "DVC_EXP_NAME": "other"}).key != inv.key
+    # a stage command run by hand (no dvc process above this one): a run of its own
+    assert invocation({"DVC_STAGE": "train"}) is None
+    assert flatten({"frozen": {"train": {"epochs": 3, "lr": None}}, "tags": [], "n": {}}) == {
+        "frozen.train.epochs": "3",
+        "frozen.train.lr": "None",
+        "tags": "[]",
+        "n": "{}",
+    }

@@ -35,8 +35,17 @@ from typing import Any
 import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from cassava_pipeline.dvc_runs import (
+    PARENT_TAG,
+    STAGE_TAG,
+    Invocation,
+    close_stage,
+    invocation,
+    open_parent,
+)
 from cassava_pipeline.fallback import (
     FALLBACK_FOR,
     FALLBACK_FROM,
@@ -228,6 +237,7 @@ class TrackingHooks:
         self._failover: Failover | None = None
         self._catalog: Any = None
         self._tracked: dict[str, bool] = {}  # dataset name -> is it an MLflow dataset
+        self._dvc: tuple[str, str, str | None] | None = None  # stage, parent run, this run
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
@@ -284,6 +294,14 @@ class TrackingHooks:
         except Exception:  # a catalog without parameters (tests)
             params = {}
         tags["mlflow.runName"] = run_name(params, tags["kedro_env"])
+        self._dvc = None
+        inv = invocation()
+        if inv is not None:  # a stage of dvc repro / dvc exp run: nested under its run
+            parent = self._dvc_parent(inv, tags["mlflow.runName"], params)
+            if parent is not None:
+                self._dvc = (inv.stage, parent, active_run_id())
+                tags.update({PARENT_TAG: parent, STAGE_TAG: inv.stage})
+                tags["mlflow.runName"] = f"{inv.stage}: {tags['mlflow.runName']}"
         self._catalog, self._tracked = catalog, {}
         self._failover = Failover.for_active_run()  # None unless the store is a server
         set_tags(tags)
@@ -294,6 +312,26 @@ class TrackingHooks:
                     self._log_data(catalog.load("split_manifest"))
         self._install_signal_handlers()
         mark_dead_runs_killed(tags["host"])
+
+    # ---- the run of the DVC command this stage belongs to (cassava_pipeline.dvc_runs) -------
+    @staticmethod
+    def _dvc_parent(inv: Invocation, name: str, params: dict[str, Any]) -> str | None:
+        try:
+            experiment_id = mlflow.active_run().info.experiment_id
+            return open_parent(MlflowClient(), experiment_id, inv, name, params)
+        except Exception as e:  # grouping is for reading the table: never fail a run for it
+            logger.warning("this stage's MLflow run is not nested under its DVC run: %s", e)
+            return None
+
+    def _close_dvc(self, status: str) -> None:
+        if self._dvc is None:
+            return
+        stage, parent, child = self._dvc
+        self._dvc = None
+        try:
+            close_stage(MlflowClient(), parent, child, stage, status)
+        except Exception as e:
+            logger.warning("the DVC run %s did not get this stage's results: %s", parent, e)
 
     # ---- a server that stops answering mid-run (cassava_pipeline.fallback) -----------------
     @hook_impl(tryfirst=True)
@@ -353,12 +391,14 @@ class TrackingHooks:
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
         if self._failover is not None:  # kedro-mlflow ends the run next
             self._failover.check("the end of the run")
+        self._close_dvc("FINISHED")  # after NodeTimesHooks logged the times (called first)
         self._restore_signal_handlers()
 
     @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
         if self._failover is not None:  # kedro-mlflow marks the run FAILED next
             self._failover.check("the pipeline's error")
+        self._close_dvc("FAILED")
         self._restore_signal_handlers()
 
     # ---- interrupted runs ----------------------------------------------------------------
@@ -386,6 +426,7 @@ class TrackingHooks:
             _tag_failure(first)
         if run_id is not None:
             logger.warning("%s: marking MLflow run %s %s", name, run_id, status)
+            self._close_dvc(status)
             try:
                 # kedro-mlflow may have stacked the run (restarted per node): end every level,
                 # or MLflow's exit handler would end the rest FINISHED, overwriting KILLED.
