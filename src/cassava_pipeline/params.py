@@ -174,6 +174,11 @@ class ModelParams(Block):
         return self
 
 
+class KeepParams(Block):
+    entries: NonNegativeInt
+    max_gib: PositiveFloat
+
+
 class RuntimeParams(Block):
     accelerator: Accelerator
     devices: PositiveInt
@@ -182,6 +187,7 @@ class RuntimeParams(Block):
     precision: Precision
     progress: bool
     malloc: Literal["tuned", "default"] = allocator.DEFAULT_MODE
+    keep: KeepParams
 
     @model_validator(mode="after")
     def _half_needs_cuda(self) -> RuntimeParams:

@@ -37,7 +37,8 @@ def test_shards_dataset_round_trip_and_replace(kaggle_dir: Path, tmp_path: Path)
     assert ds.exists() and ds.load().size == 16
     ds.save(_job(kaggle_dir, 12))  # replaces the previous set atomically
     assert ds.load().size == 12
-    assert sorted(p.name for p in out.iterdir()) == ["presized"]  # no temporary leftovers
+    # no temporary leftovers; the 16 px set is kept for reuse (vision/kept.py)
+    assert sorted(p.name for p in out.iterdir()) == ["kept", "presized"]
 
 
 def test_failed_save_leaves_previous_set(kaggle_dir: Path, tmp_path: Path):
@@ -253,3 +254,39 @@ def test_a_full_or_read_only_disk_leaves_every_writer_as_it_was(
     assert report.load() == {"n": 3}
     shards.save(new_job)
     assert shards.load().size == 16
+
+
+def test_switching_a_presize_back_reuses_the_kept_set(
+    kaggle_dir: Path, tmp_path: Path, caplog, monkeypatch
+):
+    """12 -> 16 -> 12: the 12 px set, kept when 16 replaced it, is put back verified and not
+    presized again; 16 waits in its place. A damaged kept set is presized again instead."""
+    from cassava_pipeline.datasets import shards as shards_module
+
+    out = tmp_path / "05_model_input"
+    ds = ImageShardsDataset(path=str(out / "presized_large"))
+    ds.save(_job(kaggle_dir, 12))
+    first = _files(out / "presized_large")
+    ds.save(_job(kaggle_dir, 16))
+    assert ds.load().size == 16
+    (kept12,) = (out / "kept" / "presized_large").iterdir()
+    caplog.set_level("INFO", logger="cassava_pipeline")
+
+    def no_presize(*args, **kwargs):
+        raise AssertionError("presized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(shards_module, "write_shards", no_presize)
+        ds.save(_job(kaggle_dir, 12))
+    assert "back in place, not presizing" in caplog.text
+    assert ds.load().size == 12 and _files(out / "presized_large") == first
+    (kept16,) = (out / "kept" / "presized_large").iterdir()
+    assert kept16 != kept12
+    assert sorted(p.name for p in out.iterdir()) == ["kept", "presized_large"]  # no temporaries
+
+    # a kept set damaged meanwhile is not used: presized again, with a warning
+    shard = next(p for p in kept16.iterdir() if p.name.startswith("shard"))
+    shard.write_bytes(b"damaged")
+    caplog.clear()
+    ds.save(_job(kaggle_dir, 16))
+    assert "is not usable" in caplog.text and ds.load().size == 16

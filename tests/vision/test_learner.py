@@ -361,6 +361,21 @@ def test_finished_stage_is_reused_only_while_every_input_is_equal(
             train_in_fabric(start, data, cfg, runtime, checkpoint_dir=work)
         assert "finished; reusing it" in caplog.text, name
 
+    # switching back: the first run, kept when the settings changed, is put back and reused
+    work = tmp_path / "settings"
+    (kept_before,) = (work / "kept").iterdir()  # the base run, kept when wd became 0.05
+    caplog.clear()
+    back = train_in_fabric(initial_checkpoint(), shards, stage(epochs=1), CPU, checkpoint_dir=work)
+    assert f"{kept_before} held a run from these same inputs" in caplog.text, caplog.text
+    assert "finished; reusing it" in caplog.text and "training from the start" not in caplog.text
+    assert_same_weights(back.state_dict, first.state_dict)
+    assert back.history == first.history  # the very run, timings included
+    (kept_after,) = (work / "kept").iterdir()  # now the wd 0.05 run waits there
+    assert kept_after != kept_before and sorted(p.name for p in work.iterdir()) == [
+        "kept",
+        "last.pt",
+    ]
+
 
 def test_stages_draw_different_random_streams(shards, monkeypatch):
     """Same seed, other stage name: another order, other crops, other augmentations."""

@@ -13,8 +13,10 @@ from kedro.io import AbstractDataset
 from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path, writing
 from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.integrity import display_path
-from cassava_pipeline.vision.presize import META_FILE, PresizeJob, write_shards
-from cassava_pipeline.vision.shards import ShardedImages, stale_reason
+from cassava_pipeline.vision.kept import KEPT_FOLDER, KeepPolicy, Kept
+from cassava_pipeline.vision.presize import META_FILE, PresizeJob, job_inputs, write_shards
+from cassava_pipeline.vision.provenance import digest
+from cassava_pipeline.vision.shards import ShardedImages, read_meta, stale_reason
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,16 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
     of the shards instead of a presize (minutes at Kaggle's size).
     """
 
-    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        path: str,
+        keep: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
         self._path = Path(path)
+        # earlier sets kept for reuse when their settings come back (vision/kept.py)
+        self._keep = KeepPolicy(**(keep or {"entries": 2, "max_gib": 16.0}))
         self.metadata = metadata
 
     def load(self) -> ShardedImages:
@@ -54,6 +64,9 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
                 data.options.size,
                 where,
             )
+            return
+        kept = Kept(self._path.parent / KEPT_FOLDER / self._path.name, self._keep)
+        if self._bring_back(kept, data):
             return
         logger.info("presize %d into %s: %s", data.options.size, where, reason)
         twin = self._twin(data)
@@ -80,7 +93,52 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
                 if moved:  # the previous shards back where they were
                     old.rename(self._path)
                 raise
-        shutil.rmtree(old, ignore_errors=True)
+        if moved:
+            self._keep_aside(kept, old)
+
+    def _keep_aside(self, kept: Kept, folder: Path) -> None:
+        """An earlier, complete set into the kept folder under its inputs' digest (removed when
+        it has no record of its inputs, or the policy keeps none)."""
+        try:
+            inputs = read_meta(folder).get("inputs")
+        except Exception:  # damaged or foreign: not worth keeping
+            inputs = None
+        where = kept.store(folder, digest(inputs)) if isinstance(inputs, dict) else None
+        if where is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            logger.info("presize: the previous set is kept as %s", display_path(where))
+
+    def _bring_back(self, kept: Kept, data: PresizeJob) -> bool:
+        """Put back a set kept from these same inputs, verified; False when there is none."""
+        entry = kept.take(digest(job_inputs(data)))
+        if entry is None:
+            return False
+        problem = stale_reason(entry, data)
+        if problem is not None:  # damaged while kept: presized again
+            logger.warning("presize: %s is not usable (%s); removed", display_path(entry), problem)
+            shutil.rmtree(entry, ignore_errors=True)
+            return False
+        old = temp_path(self._path, os.getpid(), "old")
+        with writing(self._path):
+            moved = self._path.exists()
+            if moved:
+                self._path.rename(old)
+            try:
+                os.replace(entry, self._path)
+            except BaseException:
+                if moved:
+                    old.rename(self._path)
+                raise
+        logger.info(
+            "presize %d: %s holds these images presized from these same inputs (kept when "
+            "they last changed; every shard verified); back in place, not presizing",
+            data.options.size,
+            display_path(entry),
+        )
+        if moved:
+            self._keep_aside(kept, old)
+        return True
 
     def _twin(self, data: PresizeJob) -> Path | None:
         """A sibling shard folder written from the same inputs, verified, if there is one."""

@@ -48,8 +48,9 @@ from .integrity import (
     load_checkpoint,
     save_checkpoint,
 )
+from .kept import KEPT_FOLDER, KeepPolicy, Kept
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
-from .provenance import explain, fingerprint, stage_seed
+from .provenance import digest, explain, fingerprint, stage_seed
 from .schedule import (
     LrFindOptions,
     OneCycle,
@@ -143,6 +144,8 @@ class RuntimeConfig:
     strategy: str = "auto"  # auto: ddp when devices * num_nodes > 1
     progress: bool = True  # a batch progress bar
     malloc: str = DEFAULT_MODE  # glibc malloc settings for CPU tensors (vision/allocator.py)
+    # earlier runs of each stage kept for reuse when their settings come back (vision/kept.py)
+    keep: KeepPolicy = field(default_factory=KeepPolicy)
 
 
 @dataclass
@@ -312,11 +315,20 @@ def mixup_loss(
 class Trainer:
     """Runs stages and lr_find for one model on one Fabric (one process of a DDP group)."""
 
-    def __init__(self, fabric, model: nn.Sequential, stats: Stats, *, progress: bool = True):
+    def __init__(
+        self,
+        fabric,
+        model: nn.Sequential,
+        stats: Stats,
+        *,
+        progress: bool = True,
+        keep: KeepPolicy | None = None,
+    ):
         self.fabric = fabric
         self.model = model
         self.stats = stats
         self.progress = progress and fabric.is_global_zero
+        self.keep = keep if keep is not None else KeepPolicy()
 
     # ---- data ----------------------------------------------------------------------------
     def loaders(self, train: ShardedImages, valid: ShardedImages, cfg: StageConfig):
@@ -445,10 +457,14 @@ class Trainer:
             "start_metrics": {},
         }
         ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
-        found = _agreed_resume_file(f, checkpoint_dir, cfg.name) if ckpt else None
+        found = _agreed_resume_file(f, checkpoint_dir, cfg.name, fp, self.keep) if ckpt else None
         if found is not None:
             path, saved = found
             reason = explain(saved.get("fingerprint"), fp)
+            kept = ""
+            if reason is not None and f.is_global_zero:  # kept for when its settings return
+                where = _keep_resume_files(checkpoint_dir, path, saved, self.keep)
+                kept = f" (that run is kept as {display_path(where)})" if where else ""
             if reason is None:
                 _restore(saved, model, opt, sched, gen, mix_gen)
                 state = {k: saved[k] for k in state}
@@ -462,7 +478,11 @@ class Trainer:
                 )
             elif f.is_global_zero:
                 logger.info(
-                    "%s: %s %s; training from the start", cfg.name, display_path(path), reason
+                    "%s: %s %s; training from the start%s",
+                    cfg.name,
+                    display_path(path),
+                    reason,
+                    kept,
                 )
 
         maximize = cfg.monitor != "valid_loss"
@@ -781,12 +801,15 @@ def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
 RESUME_FILES = ("last.pt", "prev.pt")  # this epoch's state, and the one before it
 
 
-def _agreed_resume_file(fabric, folder: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
-    """The resume file every rank uses: rank 0 chooses (setting a damaged one aside) and the
-    others load the one it names, so that no two ranks decide differently."""
+def _agreed_resume_file(
+    fabric, folder: Path, name: str, fp: dict[str, Any], keep: KeepPolicy
+) -> tuple[Path, dict[str, Any]] | None:
+    """The resume file every rank uses: rank 0 chooses (setting a damaged one aside, bringing
+    back a kept run of these inputs) and the others load the one it names, so that no two
+    ranks decide differently."""
     if fabric.world_size == 1:
-        return _resume_file(folder, name, True)
-    found = _resume_file(folder, name, True) if fabric.is_global_zero else None
+        return _choose_resume_file(folder, name, fp, keep)
+    found = _choose_resume_file(folder, name, fp, keep) if fabric.is_global_zero else None
     choice = fabric.broadcast(found[0].name if found is not None else None, src=0)
     if fabric.is_global_zero or choice is None:
         return found
@@ -827,6 +850,45 @@ def _resume_file(folder: Path, name: str, log: bool) -> tuple[Path, dict[str, An
                     corrupt.name,
                 )
     return None
+
+
+def _choose_resume_file(
+    folder: Path, name: str, fp: dict[str, Any], keep: KeepPolicy
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact resume file; when it comes from other inputs than ``fp`` and a run
+    from ``fp``'s was kept (:mod:`.kept`), that one is put back in its place first (and the
+    other kept in turn)."""
+    found = _resume_file(folder, name, True)
+    if found is not None and explain(found[1].get("fingerprint"), fp) is None:
+        return found
+    kept = Kept(folder / KEPT_FOLDER, keep, ".pt")
+    match = kept.take(digest(fp))
+    if match is None:
+        return found
+    if found is not None:
+        _keep_resume_files(folder, found[0], found[1], keep)
+    last = folder / RESUME_FILES[0]
+    os.replace(match, last)
+    logger.info(
+        "%s: %s held a run from these same inputs (kept when they last changed); back in place",
+        name,
+        display_path(match),
+    )
+    return _resume_file(folder, name, True)
+
+
+def _keep_resume_files(
+    folder: Path, path: Path, saved: dict[str, Any], keep: KeepPolicy
+) -> Path | None:
+    """Move a resume file from other inputs into the kept folder, under its fingerprint; the
+    older epoch's file beside it goes (it is of the same run). Where it went, or None."""
+    fp = saved.get("fingerprint")
+    if not isinstance(fp, dict):  # an older version's file: no record of its inputs
+        return None
+    where = Kept(folder / KEPT_FOLDER, keep, ".pt").store(path, digest(fp))
+    for file in RESUME_FILES:
+        (folder / file).unlink(missing_ok=True)
+    return where
 
 
 def _save_resume(state: dict[str, Any], path: Path) -> None:

@@ -81,7 +81,7 @@ def _train(
     _prepare_process(fabric, runtime)
     model, stats = model_from_checkpoint(checkpoint)
     train, valid = shards.split()
-    trainer = Trainer(fabric, model, stats, progress=runtime.progress)
+    trainer = Trainer(fabric, model, stats, progress=runtime.progress, keep=runtime.keep)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result = trainer.fit(
         train, valid, cfg, checkpoint_dir=ckpt, on_epoch=on_epoch, carried_optimizer=carried
@@ -141,7 +141,7 @@ def _lr_find(fabric, *, checkpoint, shards, cfg, options, runtime, cache_file) -
     _prepare_process(fabric, runtime)
     model, stats = model_from_checkpoint(checkpoint)
     train, _ = shards.split()
-    trainer = Trainer(fabric, model, stats, progress=runtime.progress)
+    trainer = Trainer(fabric, model, stats, progress=runtime.progress, keep=runtime.keep)
     return trainer.lr_find(train, cfg, options, cache_file=cache_file)
 
 

@@ -16,6 +16,7 @@ from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
 from cassava_pipeline.vision.export import ExportedModel, export_checkpoint
 from cassava_pipeline.vision.images import DEFAULT_MAX_PIXELS
+from cassava_pipeline.vision.kept import KeepPolicy
 from cassava_pipeline.vision.learner import HISTORY_COLUMNS, RuntimeConfig, StageConfig
 from cassava_pipeline.vision.models import create_model
 from cassava_pipeline.vision.run import lr_find_in_fabric, train_in_fabric
@@ -65,7 +66,7 @@ def final_stage_config(name: str, p: dict[str, Any], checkpoint: dict[str, Any])
 
 
 def _runtime(p: dict[str, Any]) -> RuntimeConfig:
-    return RuntimeConfig(**p)
+    return RuntimeConfig(**{**p, "keep": KeepPolicy(**p["keep"])})
 
 
 def _resolve_lr(lr: Any, lr_find_result: dict) -> float | tuple[float, float]:
