@@ -296,8 +296,10 @@ def mixup_batch(
 
 
 def _loss(logits, y, smoothing: float, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy, with fastai's ``LabelSmoothingCrossEntropy(eps=smoothing)`` when > 0."""
-    return F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
+    """Cross-entropy, with fastai's ``LabelSmoothingCrossEntropy(eps=smoothing)`` when > 0: in
+    float32 from half-precision logits, in float64 from float64 ones (precision 64-true)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, y, label_smoothing=smoothing, reduction=reduction)
 
 
 def mixup_loss(
@@ -305,11 +307,8 @@ def mixup_loss(
 ) -> torch.Tensor:
     """fastai's ``MixUp.lf``: per item, the loss on the shuffled labels lerped towards the loss
     on the item's own labels by ``lam``; then the mean."""
-    return torch.lerp(
-        _loss(logits, y_shuffled, smoothing, "none"),
-        _loss(logits, y, smoothing, "none"),
-        lam.float(),
-    ).mean()
+    own = _loss(logits, y, smoothing, "none")
+    return torch.lerp(_loss(logits, y_shuffled, smoothing, "none"), own, lam.to(own.dtype)).mean()
 
 
 class Trainer:
@@ -374,6 +373,9 @@ class Trainer:
             images = batch_x.to(f.device, non_blocking=True)
             labels = batch_y.to(f.device, non_blocking=True)  # a blocking copy waits for the GPU
             x = _model_input(augment, images, cfg, train=False)
+            # the unwrapped module: the input in its precision as Fabric's wrapper would cast it
+            # (float64 at 64-true, bf16 at bf16-true; unchanged for the mixed precisions)
+            x = f.strategy.precision.convert_input(x)
             with f.autocast():
                 logits = self.model(x)
             loss = _loss(logits, labels, cfg.label_smoothing, reduction="sum")

@@ -39,6 +39,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[torch.nn.Sequenti
         ps=float(checkpoint["ps"]),
         concat_pool=bool(checkpoint["concat_pool"]),
     )
+    weights = [t for t in checkpoint["model"].values() if t.is_floating_point()]
+    if weights and weights[0].dtype == torch.float64:  # trained with precision 64-true
+        model.double()  # or loading would round the weights to float32 between stages
     model.load_state_dict(checkpoint["model"])
     return model, Stats(tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
 

@@ -61,9 +61,10 @@ def predict(
     aug = BatchAugment(augment, stats.mean, stats.std)
     gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch)
     probs, targets = [], []
+    dtype = next(model.parameters()).dtype  # float64 for a model trained at 64-true
     for batch, labels in dl:
         x = aug(batch.to(device), train=train_transforms, generator=gen)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         probs.append(model(x).float().softmax(1).cpu())
         targets.append(labels)
     if not probs:
