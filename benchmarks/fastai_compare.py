@@ -263,7 +263,7 @@ def _params(seed: int, r: dict) -> dict:
         loader = {"batch_size": r["batch_size"]}
         return {"train": {**train, "loader": loader, "wd": r["wd"], **extra}}
 
-    return {
+    params = {
         "ingest": {"layout": "folder", "folder": {"valid_folder": "validation"}},
         "small": {"presize": {"size": r["presize"][0]}},
         "large": {"presize": {"size": r["presize"][1]}},
@@ -276,6 +276,13 @@ def _params(seed: int, r: dict) -> dict:
         "unfrozen": stage(1, lr=list(r["lr_unfrozen"])),
         "mixup": stage(2, lr=list(r["lr_mixup"]), mixup=r["mixup"]),
     }
+    for key, value in r.get("ours_params", {}).items():  # an A/B arm's (benchmarks/ab_pixels.py)
+        node = params
+        *parents, leaf = key.split(".")  # dotted: small.presize.jpeg_draft
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return params
 
 
 def make_project(root: Path, data: Path) -> Path:

@@ -39,10 +39,7 @@ def _remove_if_dead(entry: Path, pattern: re.Pattern) -> bool:
     m = pattern.match(entry.name)
     if m is None or pid_alive(int(m.group(1))):
         return False
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry, ignore_errors=True)
-    else:
-        entry.unlink(missing_ok=True)
+    remove_path(entry)
     return True
 
 
@@ -122,7 +119,8 @@ def as_write_error(target: Path, error: OSError) -> WriteError | None:
     return WriteError(message, target, error.errno)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a folder with what it holds; nothing if it is not there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -139,7 +137,7 @@ def writing(target: Path, *temps: Path) -> Iterator[None]:
         yield
     except BaseException as e:
         for tmp in temps:
-            _remove(tmp)
+            remove_path(tmp)
         if isinstance(e, OSError) and (error := as_write_error(target, e)) is not None:
             raise error from e
         raise

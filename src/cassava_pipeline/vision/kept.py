@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 class Kept:
     """The ``kept/`` folder of one output: entries named by their fingerprint's digest."""
 
@@ -69,12 +63,12 @@ class Kept:
         are removed. Returns where it went (None when the policy keeps nothing, or the result
         alone is over the size limit: then it is removed)."""
         if self.policy.entries <= 0 or _size(result) > self.policy.max_bytes:
-            _remove(result)
+            remove_path(result)
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = self._entry(key)
         if entry.exists():  # the same inputs kept before: the newer result replaces it
-            _remove(entry)
+            remove_path(entry)
         os.replace(result, entry)
         now = time.time_ns()
         os.utime(entry, ns=(now, now))  # the least recently used go first
@@ -93,7 +87,7 @@ class Kept:
         for i, entry in enumerate(self.entries()):
             total += _size(entry)
             if i >= self.policy.entries or total > self.policy.max_bytes:
-                _remove(entry)
+                remove_path(entry)
                 removed.append(entry)
         if removed:
             logger.info(
