@@ -10,7 +10,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.atomic import remove_dead_temps, temp_path, writing
+from cassava_pipeline.vision.atomic import remove_dead_temps, remove_path, temp_path, writing
 from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.integrity import display_path
 from cassava_pipeline.vision.kept import KEPT_FOLDER, KeepPolicy, Kept
@@ -77,24 +77,30 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
                 display_path(twin),
             )
         tmp = temp_path(self._path, os.getpid())
-        old = temp_path(self._path, os.getpid(), "old")
         shutil.rmtree(tmp, ignore_errors=True)
         with writing(self._path, tmp):  # a read-only or full disk: one message, nothing left
             if twin is not None:
                 _link_tree(twin, tmp)
             else:
                 write_shards(data, tmp)
-            moved = self._path.exists()
-            if moved:
-                self._path.rename(old)
-            try:
-                tmp.rename(self._path)
-            except BaseException:
-                if moved:  # the previous shards back where they were
-                    old.rename(self._path)
-                raise
+            previous = self._swap_in(tmp)
+        if previous is not None:
+            self._keep_aside(kept, previous)
+
+    def _swap_in(self, folder: Path) -> Path | None:
+        """``folder`` becomes ``path``; the set it replaces is moved aside (and returned), or
+        put back where it was if the swap fails."""
+        old = temp_path(self._path, os.getpid(), "old")
+        moved = self._path.exists()
         if moved:
-            self._keep_aside(kept, old)
+            self._path.rename(old)
+        try:
+            os.replace(folder, self._path)
+        except BaseException:
+            if moved:  # the previous shards back where they were
+                old.rename(self._path)
+            raise
+        return old if moved else None
 
     def _keep_aside(self, kept: Kept, folder: Path) -> None:
         """An earlier, complete set into the kept folder under its inputs' digest (removed when
@@ -105,7 +111,7 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
             inputs = None
         where = kept.store(folder, digest(inputs)) if isinstance(inputs, dict) else None
         if where is None:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_path(folder)
         else:
             logger.info("presize: the previous set is kept as %s", display_path(where))
 
@@ -119,25 +125,16 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
             logger.warning("presize: %s is not usable (%s); removed", display_path(entry), problem)
             shutil.rmtree(entry, ignore_errors=True)
             return False
-        old = temp_path(self._path, os.getpid(), "old")
         with writing(self._path):
-            moved = self._path.exists()
-            if moved:
-                self._path.rename(old)
-            try:
-                os.replace(entry, self._path)
-            except BaseException:
-                if moved:
-                    old.rename(self._path)
-                raise
+            previous = self._swap_in(entry)
         logger.info(
             "presize %d: %s holds these images presized from these same inputs (kept when "
             "they last changed; every shard verified); back in place, not presizing",
             data.options.size,
             display_path(entry),
         )
-        if moved:
-            self._keep_aside(kept, old)
+        if previous is not None:
+            self._keep_aside(kept, previous)
         return True
 
     def _twin(self, data: PresizeJob) -> Path | None:
