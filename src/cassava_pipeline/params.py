@@ -231,6 +231,7 @@ class LoaderParams(Block):
 class AugmentParams(Block):
     min_scale: Annotated[float, Field(gt=0.0, le=1.0)]
     crop: Literal["batch", "sample"]
+    resample: Literal["once", "twice"]
     do_flip: bool
     p_flip: Fraction
     max_rotate: NonNegativeFloat

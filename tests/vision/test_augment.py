@@ -184,3 +184,109 @@ def test_sampling_grid_keeps_the_unwarped_grid_where_a_denominator_is_zero():
     assert torch.equal(fallback, sampling_grid(mats, 5, True, warp))
     warp[0, 2] = torch.tensor([0.25, 0.0, 1.0])  # w = 1 + x/4: never 0, so the warp applies
     assert not torch.allclose(sampling_grid(mats, 5, True, warp), affine, atol=1e-3)
+
+
+TWICE = dict(size=16, min_scale=0.75, resample="twice")
+
+
+def test_twice_resamples_at_the_input_size_then_crops_and_resizes(monkeypatch):
+    """``resample: twice`` is fastai's path: one grid_sample at the input's own size (affine and
+    warp), a second from a whole-pixel crop to ``size``; validation resizes once."""
+    shapes = []
+    real = F.grid_sample
+
+    def recording(x, grid, **k):
+        shapes.append((tuple(x.shape[-2:]), tuple(grid.shape[1:3])))
+        return real(x, grid, **k)
+
+    monkeypatch.setattr(F, "grid_sample", recording)
+    aug = BatchAugment(AugmentOptions(**TWICE), MEAN, STD)
+    out = aug(batch(s=20), train=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 16, 16)
+    (first_in, first_out), (crop, second_out) = shapes
+    assert first_in == first_out == (20, 20) and second_out == (16, 16)
+    assert crop[0] == crop[1] and 18 <= crop[0] <= 20  # round(sqrt([0.75, 1] * 400))
+    shapes.clear()
+    aug(batch(s=20), train=False)
+    assert shapes == [((20, 20), (16, 16))]
+
+
+def test_twice_with_only_the_crop_is_a_pixel_crop_bilinearly_resized():
+    """Every other augmentation off: the output is the crop's pixels resized as fastai's
+    ``affine_coord(sz=size)`` does (bilinear, ``align_corners=True``), the crop a square of
+    whole pixels inside the image."""
+    from cassava_pipeline.vision.augment import crop_boxes
+
+    still = dict(do_flip=False, max_rotate=0.0, max_zoom=1.0, max_warp=0.0, max_lighting=0.0)
+    opts = AugmentOptions(**TWICE, **still)
+    x = batch(s=20)
+    out = BatchAugment(opts, MEAN, STD)(x, train=True, generator=torch.Generator().manual_seed(4))
+    # the same draws: nothing else draws from the generator before the crop
+    ((top, left, h, w),) = crop_boxes(1, 20, 20, opts, torch.Generator().manual_seed(4), "cpu")
+    want = F.interpolate(
+        x[..., top : top + h, left : left + w].float() / 255,
+        size=(16, 16),
+        mode="bilinear",
+        align_corners=True,
+    )
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_crop_boxes_cover_every_position_and_size_fastai_draws():
+    """Sides are ``round(sqrt(u * h * w))`` for u in [min_scale, 1]; top-left corners take every
+    value from 0 to ``side_max - side`` inclusive; a non-square input gets fastai's fallback, the
+    centred square of its shorter side, when no square of the drawn area fits."""
+    from cassava_pipeline.vision.augment import crop_boxes
+
+    g = torch.Generator().manual_seed(0)
+    boxes = crop_boxes(4000, 12, 12, AugmentOptions(min_scale=0.5), g, "cpu")
+    sides = {b[2] for b in boxes}
+    assert sides == set(range(8, 13))  # round(sqrt(72)) = 8 up to 12
+    for side in sides:
+        tops = {t for t, _, s, _ in boxes if s == side}
+        lefts = {left for _, left, s, _ in boxes if s == side}
+        assert tops == lefts == set(range(13 - side))
+    assert all(w == h for _, _, h, w in boxes)
+    tall = crop_boxes(50, 30, 10, AugmentOptions(min_scale=0.75), g, "cpu")
+    assert set(tall) == {(10, 0, 10, 10)}  # sqrt(0.75 * 300) = 15 > 10: never fits
+
+
+def test_fastai_grid_sample_area_downsamples_before_a_large_shrink():
+    """fastai's ``_grid_sample``: a resize to less than half the input first averages areas
+    (its smoother downsampling), then samples; a smaller shrink samples directly."""
+    from cassava_pipeline.vision.augment import _resize
+
+    opts = AugmentOptions(size=16)
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = 40 / 16 / 2  # 1.25 > 1: area first, to floor(40 / 1.25) = 32
+    area = F.interpolate(x, scale_factor=1 / d, mode="area", recompute_scale_factor=True)
+    assert area.shape[-1] == 32
+    want = F.interpolate(area, size=(16, 16), mode="bilinear", align_corners=True)
+    assert torch.allclose(_resize(x, opts), want, atol=1e-12)
+    small = x[..., :30, :30]  # 30 / 16 / 2 < 1: straight to 16
+    want = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=True)
+    assert torch.allclose(_resize(small, opts), want, atol=1e-12)
+
+
+def test_twice_equals_once_without_a_crop_and_checks_its_value():
+    """With ``min_scale: 1`` fastai resamples once (aug_transforms passes the size to the affine
+    transforms), so ``twice`` is ``once`` to the bit; an unknown value is named."""
+    x = batch(s=20)
+    outs = [
+        BatchAugment(AugmentOptions(size=16, min_scale=1.0, resample=r), MEAN, STD)(
+            x, train=True, generator=torch.Generator().manual_seed(2)
+        )
+        for r in ("once", "twice")
+    ]
+    assert torch.equal(*outs)
+    with pytest.raises(ValueError, match=r"augment\.resample"):
+        BatchAugment(AugmentOptions(size=16, resample="thrice"), MEAN, STD)(x, train=False)
+
+
+def test_twice_validation_centres_a_non_square_input():
+    """fastai's validation crop (``valid_scale=1``, ``ratio=(1, 1)``): the centred square of the
+    shorter side, resized."""
+    x = torch.zeros(1, 3, 20, 30, dtype=torch.uint8)
+    x[..., 5:25] = 200  # the centred 20x20 square
+    out = BatchAugment(AugmentOptions(**TWICE), MEAN, STD)(x, train=False)
+    assert torch.allclose(out, torch.full_like(out, 200 / 255), atol=1e-6)

@@ -1,9 +1,14 @@
-"""fastai's ``aug_transforms`` on the training device, one resample per image.
+"""fastai's ``aug_transforms`` on the training device, one resample per image by default.
 
 fastai composes flip, rotate and zoom into one affine matrix, adds the perspective warp to the
-sampling grid and makes one ``grid_sample`` call; its ``RandomResizedCropGPU`` (``min_scale < 1``)
-then resamples a second time. Here the random resized crop is one more matrix in the product, so
+sampling grid and makes one ``grid_sample`` call at the presize resolution; its
+``RandomResizedCropGPU`` (``min_scale < 1``) then crops whole pixels and resamples a second time.
+By default (``resample: once``) the random resized crop is one more matrix in the product, so
 every image is resampled exactly once, from the presized square straight to the final size.
+``resample: twice`` is fastai's path, step for step: the affine and warp at the input's own size
+with reflection padding, then an integer square crop (drawn as ``RandomResizedCropGPU`` draws it
+with ``ratio=(1, 1)``) resized to the final size, through fastai's ``_grid_sample`` (which
+area-downsamples first when the resize shrinks by more than 2x), and its validation resize.
 
 Each sample draws its own parameters (fastai's ``batch=False``), with fastai's distributions:
 
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,7 @@ class AugmentOptions:
     size: int = 224  # output side (square)
     min_scale: float = 1.0  # fastai's default; the seeds use 0.75 (set in the parameters)
     crop: str = "batch"  # fastai's RandomResizedCropGPU: one crop per batch; "sample": per image
+    resample: str = "once"  # "once": the crop composed into the affine; "twice": fastai's path
     do_flip: bool = True
     max_rotate: float = 10.0  # degrees
     min_zoom: float = 1.0
@@ -162,7 +168,7 @@ def warp_homographies(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
 
 def sampling_grid(
     mats: torch.Tensor,
-    size: int,
+    size: int | tuple[int, int],
     align_corners: bool,
     warp: torch.Tensor | None = None,
     *,
@@ -177,15 +183,18 @@ def sampling_grid(
     the same values, bit for bit, in half the time. ``sync_free`` (default: off the CPU) decides
     the fallback on the device instead of in Python (no wait for the GPU; both maps computed)."""
     n = mats.shape[0]
-    lin = torch.linspace(-1.0, 1.0, size, dtype=mats.dtype, device=mats.device)
-    if not align_corners:  # affine_grid's pixel centres
-        lin = lin * (size - 1) / size
-    xs, ys = lin.view(1, 1, size), lin.view(1, size, 1)
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def axis(k: int) -> torch.Tensor:
+        lin = torch.linspace(-1.0, 1.0, k, dtype=mats.dtype, device=mats.device)
+        return lin if align_corners else lin * (k - 1) / k  # affine_grid's pixel centres
+
+    xs, ys = axis(w).view(1, 1, w), axis(h).view(1, h, 1)
 
     def row(r: torch.Tensor, i: int) -> torch.Tensor:  # row i's map, (n, size, size)
         return (r[:, i] * xs + r[:, i + 1] * ys).add_(r[:, i + 2])
 
-    grid = torch.empty(n, size, size, 2, dtype=mats.dtype, device=mats.device)
+    grid = torch.empty(n, h, w, 2, dtype=mats.dtype, device=mats.device)
     if warp is not None:
         r = (warp @ mats).reshape(n, 9, 1, 1)
         w = row(r, 6)
@@ -205,6 +214,49 @@ def sampling_grid(
     grid[..., 0] = row(r, 0)
     grid[..., 1] = row(r, 3)
     return grid
+
+
+def crop_boxes(
+    k: int, h: int, w: int, opts: AugmentOptions, g, device
+) -> list[tuple[int, int, int, int]]:
+    """fastai's ``RandomResizedCropGPU(size, min_scale, ratio=(1, 1))`` crops: ``k`` (top, left,
+    height, width) boxes of whole pixels, the area fraction uniform in [min_scale, 1], the side
+    ``round(sqrt(area))``, the corner uniform over the positions that fit; where no square of
+    that area fits (non-square input, 10 tries as fastai), the centred largest square."""
+    fractions = _uniform(k, opts.min_scale, 1.0, g, device).tolist()
+    corners = _uniform(2 * k, 0.0, 1.0, g, device).tolist()
+    boxes = []
+    for i, frac in enumerate(fractions):
+        side = round(math.sqrt(frac * w * h))  # Python's round, as fastai's
+        if side <= min(h, w):
+            top = min(int(corners[2 * i] * (h - side + 1)), h - side)
+            left = min(int(corners[2 * i + 1] * (w - side + 1)), w - side)
+            boxes.append((top, left, side, side))
+        else:  # fastai's fallback: the centred square of the shorter side
+            side = min(h, w)
+            boxes.append(((h - side) // 2, (w - side) // 2, side, side))
+    return boxes
+
+
+def fastai_grid_sample(x: torch.Tensor, grid: torch.Tensor, opts: AugmentOptions) -> torch.Tensor:
+    """fastai's ``_grid_sample``: bilinear ``grid_sample``, after an area downsampling of the
+    input when the output shrinks it by more than 2x and the grid zooms in by less (its "hack
+    to get smoother downwards resampling"). Reads the grid's extent, so on a GPU it waits for it."""
+    if x.shape[-2] > 2 * grid.shape[-3] and x.shape[-1] > 2 * grid.shape[-2]:
+        lo, hi = torch.aminmax(grid)
+        z = 2 / (hi - lo).item()
+        d = min(x.shape[-2] / grid.shape[-3], x.shape[-1] / grid.shape[-2]) / 2
+        if d > 1 and d > z:
+            x = F.interpolate(x, scale_factor=1 / d, mode="area", recompute_scale_factor=True)
+    return F.grid_sample(
+        x, grid, mode="bilinear", padding_mode=opts.pad_mode, align_corners=opts.align_corners
+    )
+
+
+def _resize(x: torch.Tensor, opts: AugmentOptions) -> torch.Tensor:
+    """fastai's ``affine_coord(sz=size)`` with no matrix: the identity grid, resampled."""
+    eye = torch.eye(3, dtype=x.dtype, device=x.device).expand(x.shape[0], 3, 3)
+    return fastai_grid_sample(x, sampling_grid(eye, opts.size, opts.align_corners), opts)
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +309,14 @@ class BatchAugment:
         return self._on[key]
 
     def geometry(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
-        """Resample float images once through the composed grid."""
+        """Resample float images once through the composed grid (or as fastai does, twice)."""
         o = self.opts
+        if o.resample not in ("once", "twice"):
+            raise ValueError(f"augment.resample is {o.resample!r}: use once or twice (fastai's)")
+        if o.crop not in ("batch", "sample"):
+            raise ValueError(f"augment.crop is {o.crop!r}: use batch (fastai's) or sample")
+        if o.resample == "twice" and o.min_scale < 1:
+            return self._two_steps(x, train, g)
         n, _, h, w = x.shape
         device = x.device
         if train:
@@ -273,6 +331,30 @@ class BatchAugment:
         return F.grid_sample(
             x, grid, mode="bilinear", padding_mode=o.pad_mode, align_corners=o.align_corners
         )
+
+    def _two_steps(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
+        """fastai's path with ``min_scale < 1``: flip, rotate, zoom and warp resampled at the
+        input's own size, then ``RandomResizedCropGPU``'s whole-pixel crop resized to ``size``.
+        Validation: the whole image resized (``valid_scale=1``; fastai's identity resample at
+        the input's size before it moves no pixel by more than float rounding, so it is skipped)."""
+        o = self.opts
+        n, _, h, w = x.shape
+        if not train:  # fastai's valid crop: the centred square of the shorter side
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            return _resize(x[..., top : top + side, left : left + side], o)
+        mats = affine_matrices(n, replace(o, min_scale=1.0), g, x.device).clone()
+        mats[:, 0, 1] *= h / w  # fastai's _prepare_mat
+        mats[:, 1, 0] *= w / h
+        warp = warp_homographies(n, o, g, x.device) if o.max_warp * o.mult else None
+        grid = sampling_grid(mats.to(x.dtype), (h, w), o.align_corners, warp)
+        x = fastai_grid_sample(x, grid, o)
+        boxes = crop_boxes(1 if o.crop == "batch" else n, h, w, o, g, x.device)
+        if len(boxes) == 1:
+            top, left, bh, bw = boxes[0]
+            return _resize(x[..., top : top + bh, left : left + bw], o)
+        crops = [x[i : i + 1, :, t : t + bh, c : c + bw] for i, (t, c, bh, bw) in enumerate(boxes)]
+        return torch.cat([_resize(crop, o) for crop in crops])
 
     def __call__(
         self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
