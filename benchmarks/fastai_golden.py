@@ -22,6 +22,12 @@ time. What is recorded:
 - ``affine``: the matrix ``aug_transforms``' Flip, Rotate and Zoom compose (one AffineCoordTfm,
   as ``setup_aug_tfms`` merges them) for fixed draws of each (their ``draw`` arguments, p=1;
   neutral values stand for the masked-out items);
+- ``pixels``: whole ``aug_transforms(size, min_scale=0.75)`` pipelines (flip, warp, rotate,
+  zoom, brightness, contrast, ``RandomResizedCropGPU``, merged and ordered by ``setup_aug_tfms``
+  and fastcore's ``Pipeline``) on fixed uint8 images, for fixed draws of each (p=1, neutral
+  values for the masked-out items; the crop from a seeded ``random``, recorded), training and
+  validation: 20 px to 16 (the clothing comparison's 1.25x) and 42 px to 20 (Kaggle's 460 to
+  224, where fastai's ``_grid_sample`` area-shrinks before resizing);
 - ``freeze``: for ``vision_learner`` models (torchvision resnet18/34/50, timm's
   tf_efficientnet_lite0, convnext_atto with LayerNorm, resnet50_gn with GroupNorm; no weights
   downloaded), every parameter's shape, whether it trains after ``freeze()`` and whether it
@@ -32,13 +38,17 @@ time. What is recorded:
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import random
 import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from fastai.callback.mixup import MixUp
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Learner
@@ -54,9 +64,19 @@ from fastai.vision.all import (
     steep,
     valley,
 )
-from fastai.vision.augment import Flip, Rotate, Zoom, setup_aug_tfms
+from fastai.vision.augment import (
+    Brightness,
+    Contrast,
+    Flip,
+    RandomResizedCropGPU,
+    Rotate,
+    Warp,
+    Zoom,
+    setup_aug_tfms,
+)
 from fastai.vision.core import TensorImage
 from fastai.vision.learner import model_meta, vision_learner
+from fasttransform import Pipeline
 from torch import nn
 from torchvision import models
 
@@ -331,6 +351,78 @@ def affine() -> dict[str, Any]:
     }
 
 
+def _packed(t: torch.Tensor) -> dict[str, Any]:
+    """A tensor as its shape, dtype and base64 little-endian bytes (pixels are many numbers)."""
+    a = t.detach().contiguous().numpy()
+    return {
+        "shape": list(a.shape),
+        "dtype": a.dtype.str,
+        "base64": base64.b64encode(a.tobytes()).decode(),
+    }
+
+
+def _pixel_case(s: int, size: int, seed: int) -> dict[str, Any]:
+    """One fastai batch: smooth images with sharp edges, fixed draws, a seeded crop."""
+    g = torch.Generator().manual_seed(seed)
+    n = 4
+    smooth = F.interpolate(torch.rand(n, 3, 5, 5, generator=g), size=(s, s), mode="bicubic")
+    images = smooth.clamp(0, 1) * 200
+    images[:, :, s // 4 : s // 2, s // 3 : 2 * s // 3] += 55  # an edge to resample
+    images = images.round().to(torch.uint8)
+
+    def keep() -> torch.Tensor:  # fastai's p_affine / p_lighting masks, drawn here
+        return (torch.rand(n, generator=g) < 0.75).float()
+
+    flip = (torch.rand(n, generator=g) < 0.5).float()
+    deg = (torch.rand(n, generator=g) * 20 - 10) * keep()
+    scale = 1 + 0.1 * torch.rand(n, generator=g) * keep()
+    col, row = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    warp_x = (torch.rand(n, generator=g) * 0.4 - 0.2) * keep()
+    warp_y = (torch.rand(n, generator=g) * 0.4 - 0.2) * keep()
+    bright = 0.5 + (torch.rand(n, generator=g) * 0.2 - 0.1) * keep()
+    contrast = torch.exp((torch.rand(n, generator=g) * 2 - 1) * -math.log(0.8) * keep())
+    crop = RandomResizedCropGPU(size, min_scale=0.75, ratio=(1, 1))
+    tfms = setup_aug_tfms(
+        [
+            Flip(p=1.0, draw=flip.tolist()),
+            Warp(magnitude=0.2, p=1.0, draw_x=warp_x.tolist(), draw_y=warp_y.tolist()),
+            Rotate(max_deg=10, p=1.0, draw=deg.tolist()),
+            Zoom(min_zoom=1.0, max_zoom=1.1, p=1.0, draw=scale.tolist(), draw_x=col.tolist(),
+                 draw_y=row.tolist()),
+            Brightness(max_lighting=0.2, p=1.0, draw=bright.tolist()),
+            Contrast(max_lighting=0.2, p=1.0, draw=contrast.tolist()),
+            crop,
+        ]
+    )  # fmt: skip
+    x = TensorImage(images.float() / 255)  # IntToFloatTensor
+    random.seed(seed)
+    train = Pipeline(tfms, split_idx=0)(x)
+    top, left = crop.tl
+    side, side_w = crop.cp_size
+    valid = Pipeline(tfms, split_idx=1)(x)
+    return {
+        "size": size,
+        "images": _packed(images),
+        "flip": flip.tolist(),
+        "deg": deg.tolist(),
+        "scale": scale.tolist(),
+        "col": col.tolist(),
+        "row": row.tolist(),
+        "warp_x": warp_x.tolist(),
+        "warp_y": warp_y.tolist(),
+        "bright": bright.tolist(),
+        "contrast": contrast.tolist(),
+        "crop": [int(top), int(left), int(side), int(side_w)],
+        "order": [type(t).__name__ for t in Pipeline(tfms).fs],
+        "train": _packed(torch.as_tensor(train)),
+        "valid": _packed(torch.as_tensor(valid)),
+    }
+
+
+def pixels() -> dict[str, Any]:
+    return {"cases": [_pixel_case(20, 16, 3), _pixel_case(42, 20, 1)]}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for name, build in (
@@ -342,6 +434,7 @@ def main() -> None:
         ("head", head),
         ("freeze", freeze),
         ("affine", affine),
+        ("pixels", pixels),
         ("weights", weights),
     ):
         _write(name, build())
