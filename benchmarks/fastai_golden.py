@@ -28,6 +28,8 @@ time. What is recorded:
   values for the masked-out items; the crop from a seeded ``random``, recorded), training and
   validation: 20 px to 16 (the clothing comparison's 1.25x) and 42 px to 20 (Kaggle's 460 to
   224, where fastai's ``_grid_sample`` area-shrinks before resizing);
+- ``presize``: fastai's ``Resize(160)`` item transform (validation: the centred crop, PIL's
+  bilinear resize) of one generated 400x533 JPEG, the size of clothing-small's photos;
 - ``freeze``: for ``vision_learner`` models (torchvision resnet18/34/50, timm's
   tf_efficientnet_lite0, convnext_atto with LayerNorm, resnet50_gn with GroupNorm; no weights
   downloaded), every parameter's shape, whether it trains after ``freeze()`` and whether it
@@ -39,6 +41,7 @@ time. What is recorded:
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import random
@@ -47,6 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.callback.mixup import MixUp
@@ -69,12 +73,13 @@ from fastai.vision.augment import (
     Contrast,
     Flip,
     RandomResizedCropGPU,
+    Resize,
     Rotate,
     Warp,
     Zoom,
     setup_aug_tfms,
 )
-from fastai.vision.core import TensorImage
+from fastai.vision.core import PILImage, TensorImage
 from fastai.vision.learner import model_meta, vision_learner
 from fasttransform import Pipeline
 from torch import nn
@@ -423,6 +428,26 @@ def pixels() -> dict[str, Any]:
     return {"cases": [_pixel_case(20, 16, 3), _pixel_case(42, 20, 1)]}
 
 
+def presize() -> dict[str, Any]:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(7)
+    w, h = 400, 533
+    smooth = F.interpolate(torch.rand(1, 3, 9, 7, generator=g), size=(h, w), mode="bicubic")
+    pixels = smooth.clamp(0, 1)[0] * 200 + torch.rand(3, h, w, generator=g) * 6  # some grain
+    pixels[:, 200:330, 120:280] += 45  # edges
+    array = pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    resized = Resize(160)(PILImage.create(data), split_idx=1)  # validation: centred
+    return {
+        "jpeg_base64": base64.b64encode(data).decode(),
+        "size": 160,
+        "resized": _packed(torch.from_numpy(np.asarray(resized).copy())),
+    }
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for name, build in (
@@ -435,6 +460,7 @@ def main() -> None:
         ("freeze", freeze),
         ("affine", affine),
         ("pixels", pixels),
+        ("presize", presize),
         ("weights", weights),
     ):
         _write(name, build())
