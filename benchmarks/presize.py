@@ -17,6 +17,10 @@ Targets: ours (all cores) at least 1.7x faster than (b); ours (one process) with
 Also the share of ours spent on the sha256 of every shard (recorded in meta.json so that
 training can verify and key on the shards' content): hashing the written shards again, timed
 alone, over ours' own time.
+``--draft``: the cost of ``presize.jpeg_draft: false`` (issue 28): ours (one process, raw) with
+the half-scale JPEG decode on and off, interleaved, at the sizes the fastai comparison presizes
+clothing-small to (160 and 192: its 400-px photos are decoded at 200 px with the draft) and at
+460 (no draft applies: the control).
 Then the peak resident memory of presize for 2,000 and 20,000 images (the clothing files
 repeated), each in a fresh process: 20,000 must need at most 10% more than 2,000.
 """
@@ -75,9 +79,15 @@ def plain_pil_loop(root: Path, paths: list[str], size: int, out: Path) -> float:
 
 
 def ours(
-    root: Path, manifest: pd.DataFrame, size: int, workers: int, out: Path, encoding: str = "raw"
+    root: Path,
+    manifest: pd.DataFrame,
+    size: int,
+    workers: int,
+    out: Path,
+    encoding: str = "raw",
+    draft: bool = True,
 ) -> float:
-    opts = PresizeOptions(size=size, workers=workers, encoding=encoding)
+    opts = PresizeOptions(size=size, workers=workers, encoding=encoding, jpeg_draft=draft)
     job = PresizeJob(str(root), manifest, (), opts)
     t0 = time.perf_counter()
     write_shards(job, out)
@@ -159,6 +169,32 @@ def bench_dataset(name: str, root: Path, layout, size: int, rounds: int) -> dict
     return res
 
 
+def bench_draft(root: Path, layout, sizes: tuple[int, ...], rounds: int) -> dict:
+    """Ours (one process, raw shards) with the half-scale JPEG decode on and off."""
+    manifest, _ = ingest(root, layout, IngestOptions())
+    manifest["is_valid"] = manifest["is_valid"].fillna(False)
+    warm_cache(root, manifest["path"].tolist())
+    n = len(manifest)
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for size in sizes:
+                arms = (True, False) if r % 2 == 0 else (False, True)  # alternate who goes first
+                for draft in arms:
+                    key = f"{size} {'draft' if draft else 'full decode'}"
+                    out = Path(tmp) / f"{size}-{draft}-{r}"
+                    t = ours(root, manifest, size, 1, out, draft=draft)
+                    best[key] = min(best.get(key, float("inf")), t)
+                    shutil.rmtree(out)
+    res: dict = {"images": n, **{f"{k} (img/s)": round(n / v, 1) for k, v in best.items()}}
+    for size in sizes:
+        res[f"{size}: full decode time / draft time"] = round(
+            best[f"{size} full decode"] / best[f"{size} draft"], 2
+        )
+    print(json.dumps(res, indent=2), flush=True)
+    return res
+
+
 MEMORY_CHILD = r"""
 import json, resource, sys
 import pandas as pd
@@ -204,12 +240,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one round, no memory test")
+    ap.add_argument("--draft", action="store_true", help="only jpeg_draft on against off")
     args = ap.parse_args()
     rounds = 1 if args.quick else args.rounds
     print(
         f"# presize benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
         f"{resource.getpagesize()} B pages, python {sys.version.split()[0]}"
     )
+    if args.draft:
+        if not CLOTHING.is_dir():
+            sys.exit(f"--draft needs clothing-small: {CLOTHING} is absent")
+        print("# clothing-small (train+validation), jpeg_draft on and off, one process")
+        bench_draft(CLOTHING, FolderLayout(valid_folder="validation"), (160, 192, 460), rounds)
+        return
     results = []
     if CLOTHING.is_dir():
         results.append(
