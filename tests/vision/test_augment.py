@@ -254,7 +254,7 @@ def test_crop_boxes_cover_every_position_and_size_fastai_draws():
 def test_fastai_grid_sample_area_downsamples_before_a_large_shrink():
     """fastai's ``_grid_sample``: a resize to less than half the input first averages areas
     (its smoother downsampling), then samples; a smaller shrink samples directly."""
-    from cassava_pipeline.vision.augment import _resize
+    from cassava_pipeline.vision.augment import resize
 
     opts = AugmentOptions(size=16)
     x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -262,10 +262,10 @@ def test_fastai_grid_sample_area_downsamples_before_a_large_shrink():
     area = F.interpolate(x, scale_factor=1 / d, mode="area", recompute_scale_factor=True)
     assert area.shape[-1] == 32
     want = F.interpolate(area, size=(16, 16), mode="bilinear", align_corners=True)
-    assert torch.allclose(_resize(x, opts), want, atol=1e-12)
+    assert torch.allclose(resize(x, opts), want, atol=1e-12)
     small = x[..., :30, :30]  # 30 / 16 / 2 < 1: straight to 16
     want = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=True)
-    assert torch.allclose(_resize(small, opts), want, atol=1e-12)
+    assert torch.allclose(resize(small, opts), want, atol=1e-12)
 
 
 def test_twice_equals_once_without_a_crop_and_checks_its_value():

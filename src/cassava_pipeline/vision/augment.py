@@ -24,7 +24,8 @@ Each sample draws its own parameters (fastai's ``batch=False``), with fastai's d
   multiplying the logits.
 
 Padding is reflection and ``align_corners=True``, as fastai. Validation batches are only resized
-(fastai's validation path: the same bilinear ``grid_sample`` with an identity matrix).
+(fastai's validation path: the same bilinear ``grid_sample`` with an identity matrix, after its
+area downsampling when the resize shrinks by more than 2x, as Kaggle's 460 to 224 does).
 Normalisation comes last.
 """
 
@@ -238,25 +239,33 @@ def crop_boxes(
     return boxes
 
 
-def fastai_grid_sample(x: torch.Tensor, grid: torch.Tensor, opts: AugmentOptions) -> torch.Tensor:
+def fastai_grid_sample(
+    x: torch.Tensor, grid: torch.Tensor, opts: AugmentOptions, zoom: float | None = None
+) -> torch.Tensor:
     """fastai's ``_grid_sample``: bilinear ``grid_sample``, after an area downsampling of the
     input when the output shrinks it by more than 2x and the grid zooms in by less (its "hack
-    to get smoother downwards resampling"). Reads the grid's extent, so on a GPU it waits for it."""
-    if x.shape[-2] > 2 * grid.shape[-3] and x.shape[-1] > 2 * grid.shape[-2]:
-        lo, hi = torch.aminmax(grid)
-        z = 2 / (hi - lo).item()
-        d = min(x.shape[-2] / grid.shape[-3], x.shape[-1] / grid.shape[-2]) / 2
-        if d > 1 and d > z:
+    to get smoother downwards resampling"). ``zoom``: the grid's zoom, 2 / its extent, where the
+    caller knows it; else it is read from the grid (on a GPU that waits for the grid)."""
+    d = min(x.shape[-2] / grid.shape[-3], x.shape[-1] / grid.shape[-2]) / 2
+    if d > 1:
+        if zoom is None:
+            lo, hi = torch.aminmax(grid)
+            zoom = 2 / (hi - lo).item()
+        if d > zoom:
             x = F.interpolate(x, scale_factor=1 / d, mode="area", recompute_scale_factor=True)
     return F.grid_sample(
         x, grid, mode="bilinear", padding_mode=opts.pad_mode, align_corners=opts.align_corners
     )
 
 
-def _resize(x: torch.Tensor, opts: AugmentOptions) -> torch.Tensor:
-    """fastai's ``affine_coord(sz=size)`` with no matrix: the identity grid, resampled."""
+def resize(x: torch.Tensor, opts: AugmentOptions) -> torch.Tensor:
+    """fastai's ``affine_coord(sz=size)`` with no matrix (its validation resize): the identity
+    grid, through :func:`fastai_grid_sample`. The identity grid's extent is known: [-1, 1], or
+    (k - 1) / k of it at pixel centres (``align_corners=False``), so nothing waits for it."""
     eye = torch.eye(3, dtype=x.dtype, device=x.device).expand(x.shape[0], 3, 3)
-    return fastai_grid_sample(x, sampling_grid(eye, opts.size, opts.align_corners), opts)
+    k = opts.size
+    zoom = 1.0 if opts.align_corners else k / (k - 1)
+    return fastai_grid_sample(x, sampling_grid(eye, k, opts.align_corners), opts, zoom)
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -317,16 +326,14 @@ class BatchAugment:
             raise ValueError(f"augment.crop is {o.crop!r}: use batch (fastai's) or sample")
         if o.resample == "twice" and o.min_scale < 1:
             return self._two_steps(x, train, g)
+        if not train:  # fastai's validation: the identity grid (area-shrunk first past 2x)
+            return resize(x, o)
         n, _, h, w = x.shape
         device = x.device
-        if train:
-            mats = affine_matrices(n, o, g, device)
-        else:
-            mats = torch.eye(3, device=device).expand(n, 3, 3)
-        mats = mats.clone()
+        mats = affine_matrices(n, o, g, device).clone()
         mats[:, 0, 1] *= h / w  # fastai's _prepare_mat, for non-square inputs
         mats[:, 1, 0] *= w / h
-        warp = warp_homographies(n, o, g, device) if train and o.max_warp * o.mult else None
+        warp = warp_homographies(n, o, g, device) if o.max_warp * o.mult else None
         grid = sampling_grid(mats.to(x.dtype), o.size, o.align_corners, warp)
         return F.grid_sample(
             x, grid, mode="bilinear", padding_mode=o.pad_mode, align_corners=o.align_corners
@@ -342,7 +349,7 @@ class BatchAugment:
         if not train:  # fastai's valid crop: the centred square of the shorter side
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
-            return _resize(x[..., top : top + side, left : left + side], o)
+            return resize(x[..., top : top + side, left : left + side], o)
         mats = affine_matrices(n, replace(o, min_scale=1.0), g, x.device).clone()
         mats[:, 0, 1] *= h / w  # fastai's _prepare_mat
         mats[:, 1, 0] *= w / h
@@ -352,9 +359,9 @@ class BatchAugment:
         boxes = crop_boxes(1 if o.crop == "batch" else n, h, w, o, g, x.device)
         if len(boxes) == 1:
             top, left, bh, bw = boxes[0]
-            return _resize(x[..., top : top + bh, left : left + bw], o)
+            return resize(x[..., top : top + bh, left : left + bw], o)
         crops = [x[i : i + 1, :, t : t + bh, c : c + bw] for i, (t, c, bh, bw) in enumerate(boxes)]
-        return torch.cat([_resize(crop, o) for crop in crops])
+        return torch.cat([resize(crop, o) for crop in crops])
 
     def __call__(
         self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None
