@@ -44,7 +44,7 @@ def test_geometry_is_resampled_once(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(F, "grid_sample", counting)
-    aug = BatchAugment(AugmentOptions(size=8, min_scale=0.75), MEAN, STD)
+    aug = BatchAugment(AugmentOptions(size=8, min_scale=0.75, resample="once"), MEAN, STD)
     out = aug(batch(s=20), train=True, generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 8, 8) and len(calls) == 1
     aug(batch(s=20), train=False)

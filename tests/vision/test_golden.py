@@ -284,7 +284,7 @@ ONCE_VS_FASTAI = {0: (0.0075, 0.094, 0.0, 0.0), 1: (0.0027, 0.063, 0.0, 0.0)}
 
 @pytest.mark.parametrize("case", [0, 1], ids=["20px-to-16", "42px-to-20"])
 def test_once_differs_from_fastais_pixels_only_by_the_second_resample(monkeypatch, case):
-    """``resample: once`` (the default), fed the same draws and the same crop, samples the
+    """``resample: once``, fed the same draws and the same crop, samples the
     same points of the input once instead of twice: mean |difference| 0.0075 (1.9/255) at
     1.25x and 0.0027 at 2.1x, at most 0.094 (24/255) at a sharp edge. Validation is fastai's
     path in both (to 1e-6), the area pre-shrink at 2.1x included (without it: mean 0.010, max
@@ -294,7 +294,8 @@ def test_once_differs_from_fastais_pixels_only_by_the_second_resample(monkeypatc
 
     g = golden("pixels")["cases"][case]
     _fastai_draws(monkeypatch, g, "once")
-    aug = BatchAugment(AugmentOptions(size=g["size"], min_scale=0.75), (0.0,) * 3, (1.0,) * 3)
+    opts = AugmentOptions(size=g["size"], min_scale=0.75, resample="once")
+    aug = BatchAugment(opts, (0.0,) * 3, (1.0,) * 3)
     images = _unpacked(g["images"])
     train = (aug(images, train=True, generator=None) - _unpacked(g["train"])).abs()
     valid = (aug(images, train=False) - _unpacked(g["valid"])).abs()

@@ -57,7 +57,7 @@ class ModelCard:
     hidden: int = 512  # fastai head
     ps: float = 0.5
     concat_pool: bool = True
-    jpeg_draft: bool = True  # presize decoded large JPEGs with DCT scaling
+    jpeg_draft: bool = True  # presize decoded large JPEGs with DCT scaling (cards before issue 28)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentOptions replayed by TTA
     stage: str = ""  # the training stage the weights come from
@@ -69,7 +69,8 @@ class ModelCard:
 
     def augment_options(self) -> AugmentOptions:
         """The training augmentations at ``image_size`` (TTA's transforms, and the resize)."""
-        return AugmentOptions(**{**self.augment, "size": self.image_size})
+        # cards written before ``resample`` existed were trained (and replay TTA) with one resample
+        return AugmentOptions(**{"resample": "once", **self.augment, "size": self.image_size})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -170,7 +171,7 @@ def export_checkpoint(
     class_ids: list[str],
     augment: AugmentOptions,
     presize: int,
-    jpeg_draft: bool = True,
+    jpeg_draft: bool = False,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     extra: dict[str, Any] | None = None,
 ) -> ExportedModel:

@@ -72,7 +72,9 @@ class PresizeOptions:
     shard_mb: int = 1024  # a shard file is at most this large (MiB), unless one image is larger
     chunk_size: int = 32  # images per task sent to a worker
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # same bomb limit as ingest
-    jpeg_draft: bool = True  # decode JPEGs >= 2x the target at 1/2, 1/4 or 1/8 scale (DCT scaling)
+    jpeg_draft: bool = (
+        False  # True: JPEGs >= 2x the target decoded at 1/2, 1/4 or 1/8 (DCT scaling)
+    )
     encoding: str = "raw"  # raw: uint8 pixels, no decoding when training; jpeg: ~10x smaller
     jpeg_quality: int = 95  # for encoding: jpeg
 
@@ -114,7 +116,7 @@ def resize_shorter(image: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
 
 
 def presize_bytes(
-    data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True
+    data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False
 ) -> np.ndarray:
     """Decode and presize one image held in memory, exactly as :func:`write_shards` would.
 

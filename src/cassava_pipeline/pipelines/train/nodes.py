@@ -221,7 +221,7 @@ def export_model(
         class_ids=class_ids,
         augment=cfg.augment,
         presize=int(checkpoint.get("presize", presize_params["size"])),
-        jpeg_draft=bool(presize_params.get("jpeg_draft", True)),
+        jpeg_draft=bool(presize_params["jpeg_draft"]),
         max_image_pixels=int(presize_params.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
         extra={
             "best_epoch": checkpoint.get("best_epoch"),
