@@ -290,3 +290,46 @@ def test_twice_validation_centres_a_non_square_input():
     x[..., 5:25] = 200  # the centred 20x20 square
     out = BatchAugment(AugmentOptions(**TWICE), MEAN, STD)(x, train=False)
     assert torch.allclose(out, torch.full_like(out, 200 / 255), atol=1e-6)
+
+
+def test_a_gpu_generator_draws_the_crop_on_the_host_without_reading_the_device():
+    """On a CUDA generator the crop comes from a CPU generator seeded from its seed and Philox
+    offset (host-side numbers): the same state gives the same crop, another offset another; a
+    CPU generator is used as it is, so CPU runs draw exactly what they drew before."""
+    from cassava_pipeline.vision.augment import crop_boxes, host_generator
+
+    class CudaLike:  # the host-side part of a CUDA generator's interface
+        def __init__(self, seed, offset):
+            self.device, self.seed, self.offset = torch.device("cuda"), seed, offset
+
+        def initial_seed(self):
+            return self.seed
+
+        def get_offset(self):
+            return self.offset
+
+    opts = AugmentOptions(min_scale=0.5)
+
+    def boxes(g):
+        hg = host_generator(g)
+        assert hg.device.type == "cpu"
+        return crop_boxes(8, 40, 40, opts, hg, "cpu")
+
+    assert boxes(CudaLike(3, 96)) == boxes(CudaLike(3, 96))
+    assert boxes(CudaLike(3, 96)) != boxes(CudaLike(3, 100))
+    assert boxes(CudaLike(3, 96)) != boxes(CudaLike(4, 96))
+    cpu = torch.Generator().manual_seed(0)
+    assert host_generator(cpu) is cpu and host_generator(None) is None
+
+
+def test_a_non_square_input_draws_the_area_again_until_its_square_fits():
+    """fastai's ten tries: on a 30x50 input an area of sqrt(u * 1500) > 30 px is drawn again,
+    so most crops are random squares below 30 px, not the centred fallback."""
+    from cassava_pipeline.vision.augment import crop_boxes
+
+    g = torch.Generator().manual_seed(0)
+    boxes = crop_boxes(500, 30, 50, AugmentOptions(min_scale=0.3), g, "cpu")
+    fallback = [b for b in boxes if b == (0, 10, 30, 30)]
+    assert all(side <= 30 for *_, side in boxes)
+    # one draw fits when u <= 930.25 / 1500 = 0.62: p = 0.46; ten misses: 0.54^10 = 0.2%
+    assert len(fallback) < 15 and len({b[2] for b in boxes}) >= 10

@@ -10,7 +10,7 @@ draws it with ``ratio=(1, 1)``) resized to the final size, through fastai's ``_g
 composes the crop into the affine matrix instead, so every image is resampled exactly once, from
 the presized square straight to the final size: less arithmetic, sharper images, and on clothing-
 small 0.011 lower accuracy on average (benchmarks/RESULTS.md, "The pixel differences A/B").
-On a GPU, ``twice`` reads the batch's crop size back from the device (one wait per batch).
+On a GPU the crop is drawn on the host (:func:`host_generator`), so nothing waits for the GPU.
 
 Each sample draws its own parameters (fastai's ``batch=False``), with fastai's distributions:
 
@@ -224,13 +224,18 @@ def crop_boxes(
 ) -> list[tuple[int, int, int, int]]:
     """fastai's ``RandomResizedCropGPU(size, min_scale, ratio=(1, 1))`` crops: ``k`` (top, left,
     height, width) boxes of whole pixels, the area fraction uniform in [min_scale, 1], the side
-    ``round(sqrt(area))``, the corner uniform over the positions that fit; where no square of
-    that area fits (non-square input, 10 tries as fastai), the centred largest square."""
+    ``round(sqrt(area))``, the corner uniform over the positions that fit; an area whose square
+    does not fit (a non-square input) is drawn again, 10 tries in all as fastai, then the
+    centred square of the shorter side."""
     fractions = _uniform(k, opts.min_scale, 1.0, g, device).tolist()
     corners = _uniform(2 * k, 0.0, 1.0, g, device).tolist()
     boxes = []
     for i, frac in enumerate(fractions):
         side = round(math.sqrt(frac * w * h))  # Python's round, as fastai's
+        for _ in range(9):  # only a non-square input draws again
+            if side <= min(h, w):
+                break
+            side = round(math.sqrt(_uniform(1, opts.min_scale, 1.0, g, device).item() * w * h))
         if side <= min(h, w):
             top = min(int(corners[2 * i] * (h - side + 1)), h - side)
             left = min(int(corners[2 * i + 1] * (w - side + 1)), w - side)
@@ -239,6 +244,21 @@ def crop_boxes(
             side = min(h, w)
             boxes.append(((h - side) // 2, (w - side) // 2, side, side))
     return boxes
+
+
+def host_generator(g: torch.Generator | None) -> torch.Generator | None:
+    """The generator the crop is drawn with: its sizes must reach the host (they slice the
+    batch), and reading numbers drawn on a GPU makes the CPU wait for it. For a CUDA generator,
+    a CPU generator seeded from its seed and Philox offset, both kept on the host (so nothing
+    waits), both restored with its state on resume, and the offset moves with every draw made
+    on the device. A CPU generator (or none) is used as it is."""
+    if g is None or g.device.type == "cpu":
+        return g
+    try:
+        offset = g.get_offset()
+    except RuntimeError:  # a device without a host-side offset: draw there (and wait)
+        return g
+    return torch.Generator().manual_seed((g.initial_seed() * 1_000_003 + offset) % 2**63)
 
 
 def fastai_grid_sample(
@@ -358,7 +378,9 @@ class BatchAugment:
         warp = warp_homographies(n, o, g, x.device) if o.max_warp * o.mult else None
         grid = sampling_grid(mats.to(x.dtype), (h, w), o.align_corners, warp)
         x = fastai_grid_sample(x, grid, o)
-        boxes = crop_boxes(1 if o.crop == "batch" else n, h, w, o, g, x.device)
+        hg = host_generator(g)
+        on = x.device if hg is not None and hg.device.type != "cpu" else "cpu"
+        boxes = crop_boxes(1 if o.crop == "batch" else n, h, w, o, hg, on)
         if len(boxes) == 1:
             top, left, bh, bw = boxes[0]
             return resize(x[..., top : top + bh, left : left + bw], o)
