@@ -1,8 +1,8 @@
-"""The pixel differences from fastai, A/B-tested on clothing-small (issue 28): ours with
-today's defaults against ours with one difference removed, paired by seed.
+"""The pixel differences from fastai, A/B-tested on clothing-small (issue 28): ours with the
+old defaults against ours with either or both differences removed, and fastai, paired by seed.
 
     make bench-env && .venv-bench/bin/python benchmarks/ab_pixels.py --arms a b --seeds 0 1 ... 9
-    .venv-bench/bin/python benchmarks/ab_pixels.py --report run1.log run2.log ...
+    .venv-bench/bin/python benchmarks/ab_pixels.py --report benchmarks/ab_logs/full-*.log
 
 Arms (each ``kedro run --pipelines=cassava`` as ``fastai_compare.py`` runs ours, the recipe of
 its ten-seed run: ``--epochs 2 1 1 --lr-find-iters 20``):
@@ -11,7 +11,7 @@ its ten-seed run: ``--epochs 2 1 1 --lr-find-iters 20``):
   ``Resize`` item transform decodes);
 - ``c``: ``augment.resample: twice`` in all three stages (fastai's two resamples: the affine
   and warp at the presize resolution with reflection padding, then the whole-pixel crop resized);
-- ``d``: ``b`` and ``c`` together (fastai's pixels on both counts).
+- ``d``: ``b`` and ``c`` together (fastai's pixels on both counts; the defaults since).
 - ``fastai``: fastai 2.8.12's arm as ``fastai_compare.py`` runs it (0 DataLoader workers, its
   fastest here). It is bit-reproducible, so it is run once per seed and data set: fastai_compare's
   ten-seed figures (RESULTS.md) are its values for the full training set.
