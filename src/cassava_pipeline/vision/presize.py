@@ -72,9 +72,7 @@ class PresizeOptions:
     shard_mb: int = 1024  # a shard file is at most this large (MiB), unless one image is larger
     chunk_size: int = 32  # images per task sent to a worker
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # same bomb limit as ingest
-    jpeg_draft: bool = (
-        False  # True: JPEGs >= 2x the target decoded at 1/2, 1/4 or 1/8 (DCT scaling)
-    )
+    jpeg_draft: bool = False  # True: JPEGs >= 2x the target decoded at 1/2, 1/4 or 1/8 scale
     encoding: str = "raw"  # raw: uint8 pixels, no decoding when training; jpeg: ~10x smaller
     jpeg_quality: int = 95  # for encoding: jpeg
 
