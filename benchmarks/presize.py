@@ -85,7 +85,7 @@ def ours(
     workers: int,
     out: Path,
     encoding: str = "raw",
-    draft: bool = True,
+    draft: bool = PresizeOptions.jpeg_draft,  # the product's default
 ) -> float:
     opts = PresizeOptions(size=size, workers=workers, encoding=encoding, jpeg_draft=draft)
     job = PresizeJob(str(root), manifest, (), opts)

@@ -63,6 +63,12 @@ class AugmentOptions:
     pad_mode: str = "reflection"
     align_corners: bool = True
 
+    def __post_init__(self) -> None:
+        if self.crop not in ("batch", "sample"):
+            raise ValueError(f"augment.crop is {self.crop!r}: use batch (fastai's) or sample")
+        if self.resample not in ("once", "twice"):
+            raise ValueError(f"augment.resample is {self.resample!r}: use once or twice (fastai's)")
+
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
@@ -113,8 +119,6 @@ def affine_matrices(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
         row = _uniform(n, 0, 1, g, device)
         mats = mats @ _affine(s, zeros, (1 - s) * (2 * col - 1), zeros, s, (1 - s) * (2 * row - 1))
     if opts.min_scale < 1:
-        if opts.crop not in ("batch", "sample"):
-            raise ValueError(f"augment.crop is {opts.crop!r}: use batch (fastai's) or sample")
         # Square random resized crop: side fraction sqrt(area), uniform top-left corner; drawn
         # once for the batch (fastai's RandomResizedCropGPU) or once per image.
         k = 1 if opts.crop == "batch" else n
@@ -343,24 +347,25 @@ class BatchAugment:
     def geometry(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
         """Resample float images once through the composed grid (or as fastai does, twice)."""
         o = self.opts
-        if o.resample not in ("once", "twice"):
-            raise ValueError(f"augment.resample is {o.resample!r}: use once or twice (fastai's)")
-        if o.crop not in ("batch", "sample"):
-            raise ValueError(f"augment.crop is {o.crop!r}: use batch (fastai's) or sample")
         if o.resample == "twice" and o.min_scale < 1:
             return self._two_steps(x, train, g)
         if not train:  # fastai's validation: the identity grid (area-shrunk first past 2x)
             return resize(x, o)
-        n, _, h, w = x.shape
-        device = x.device
-        mats = affine_matrices(n, o, g, device).clone()
-        mats[:, 0, 1] *= h / w  # fastai's _prepare_mat, for non-square inputs
-        mats[:, 1, 0] *= w / h
-        warp = warp_homographies(n, o, g, device) if o.max_warp * o.mult else None
-        grid = sampling_grid(mats.to(x.dtype), o.size, o.align_corners, warp)
+        grid = self._affine_grid(x, o, o.size, g)
         return F.grid_sample(
             x, grid, mode="bilinear", padding_mode=o.pad_mode, align_corners=o.align_corners
         )
+
+    @staticmethod
+    def _affine_grid(x: torch.Tensor, o: AugmentOptions, size, g) -> torch.Tensor:
+        """Draw the per-sample affine matrices (with ``o``'s crop, if any) and the warp, and
+        build the ``size`` sampling grid of them over ``x``."""
+        n, _, h, w = x.shape
+        mats = affine_matrices(n, o, g, x.device).clone()
+        mats[:, 0, 1] *= h / w  # fastai's _prepare_mat, for non-square inputs
+        mats[:, 1, 0] *= w / h
+        warp = warp_homographies(n, o, g, x.device) if o.max_warp * o.mult else None
+        return sampling_grid(mats.to(x.dtype), size, o.align_corners, warp)
 
     def _two_steps(self, x: torch.Tensor, train: bool, g: torch.Generator | None) -> torch.Tensor:
         """fastai's path with ``min_scale < 1``: flip, rotate, zoom and warp resampled at the
@@ -373,12 +378,8 @@ class BatchAugment:
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
             return resize(x[..., top : top + side, left : left + side], o)
-        mats = affine_matrices(n, replace(o, min_scale=1.0), g, x.device).clone()
-        mats[:, 0, 1] *= h / w  # fastai's _prepare_mat
-        mats[:, 1, 0] *= w / h
-        warp = warp_homographies(n, o, g, x.device) if o.max_warp * o.mult else None
-        grid = sampling_grid(mats.to(x.dtype), (h, w), o.align_corners, warp)
-        x = fastai_grid_sample(x, grid, o)
+        # the affine and the warp at the input's own size, without the crop (drawn below)
+        x = fastai_grid_sample(x, self._affine_grid(x, replace(o, min_scale=1.0), (h, w), g), o)
         hg = host_generator(g)
         on = x.device if hg is not None and hg.device.type != "cpu" else "cpu"
         boxes = crop_boxes(1 if o.crop == "batch" else n, h, w, o, hg, on)
