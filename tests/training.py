@@ -90,6 +90,30 @@ def stage(epochs: int = 3, **kw) -> StageConfig:
     )
 
 
+class Interrupted(Exception):
+    """Raised by :func:`interrupted_fit` after an epoch, as a killed process stops."""
+
+
+def interrupted_fit(shards: ShardedImages, cfg: StageConfig, checkpoint_dir: Path, epochs: int):
+    """Fit ``cfg`` on ``shards`` and stop after ``epochs`` epochs (their resume files written),
+    as an interrupted run would."""
+    from cassava_pipeline.vision.learner import RuntimeConfig, Trainer
+    from cassava_pipeline.vision.run import make_fabric, model_from_checkpoint
+
+    def stop(row: dict) -> None:
+        if row["epoch"] + 1 >= epochs:
+            raise Interrupted
+
+    model, stats = model_from_checkpoint(initial_checkpoint())
+    trainer = Trainer(make_fabric(RuntimeConfig(accelerator="cpu")), model, stats, progress=False)
+    train, valid = shards.split()
+    try:
+        trainer.fit(train, valid, cfg, checkpoint_dir=checkpoint_dir, on_epoch=stop)
+    except Interrupted:
+        return
+    raise AssertionError(f"{cfg.name} finished before epoch {epochs}")
+
+
 def history_frame(history: list[dict]) -> pd.DataFrame:
     """History without wall-clock times (which never repeat)."""
     return pd.DataFrame(history).drop(columns=["seconds"])

@@ -19,11 +19,18 @@ from cassava_pipeline.vision import integrity
 from cassava_pipeline.vision import shards as shards_module
 from cassava_pipeline.vision.export import ExportError
 from cassava_pipeline.vision.integrity import IntegrityError
-from cassava_pipeline.vision.learner import RuntimeConfig, Trainer
+from cassava_pipeline.vision.learner import RuntimeConfig
 from cassava_pipeline.vision.predict import Classifier
-from cassava_pipeline.vision.run import make_fabric, model_from_checkpoint, train_in_fabric
+from cassava_pipeline.vision.run import train_in_fabric
 from cassava_pipeline.vision.shards import ShardedImages
-from tests.training import exported, history_frame, initial_checkpoint, stage, tiny_shards
+from tests.training import (
+    exported,
+    history_frame,
+    initial_checkpoint,
+    interrupted_fit,
+    stage,
+    tiny_shards,
+)
 
 CPU = RuntimeConfig(accelerator="cpu", progress=False)
 MARK = torch.full((4096,), 7.25)  # a tensor whose bytes are easy to find in a file
@@ -96,12 +103,7 @@ def test_a_damaged_resume_file_is_set_aside_and_the_stage_resumes_from_the_epoch
     shards, tmp_path: Path, caplog
 ):
     full = train_in_fabric(initial_checkpoint(), shards, stage(epochs=3), CPU)
-    fabric = make_fabric(CPU)
-    model, stats = model_from_checkpoint(initial_checkpoint())
-    train, valid = shards.split()
-    Trainer(fabric, model, stats, progress=False).fit(
-        train, valid, stage(epochs=3), checkpoint_dir=tmp_path, stop_after_epochs=2
-    )
+    interrupted_fit(shards, stage(epochs=3), tmp_path, epochs=2)
     last = tmp_path / "last.pt"
     assert torch.load(tmp_path / "prev.pt", weights_only=True)["epoch"] == 1
     flip(last, last.stat().st_size // 2, 64)  # somewhere in the weights or optimizer state

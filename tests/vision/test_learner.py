@@ -20,14 +20,20 @@ from cassava_pipeline.vision import provenance
 from cassava_pipeline.vision.learner import (
     HISTORY_COLUMNS,
     RuntimeConfig,
-    _cpu,
     carried_state,
+    cpu_copy,
     load_optimizer_state,
 )
 from cassava_pipeline.vision.run import lr_find_in_fabric, model_from_checkpoint, train_in_fabric
 from cassava_pipeline.vision.schedule import LrFindOptions, OneCycle
 from tests.images import REPO
-from tests.training import history_frame, initial_checkpoint, stage, tiny_shards
+from tests.training import (
+    history_frame,
+    initial_checkpoint,
+    interrupted_fit,
+    stage,
+    tiny_shards,
+)
 
 CPU = RuntimeConfig(accelerator="cpu", progress=False)
 
@@ -67,16 +73,8 @@ def test_resume_after_interruption_equals_uninterrupted(shards, tmp_path: Path):
     full = train_in_fabric(
         initial_checkpoint(), shards, stage(), CPU, checkpoint_dir=tmp_path / "a"
     )
-    from cassava_pipeline.vision.learner import Trainer
-    from cassava_pipeline.vision.run import make_fabric
-
     # First run stops after one epoch, as an interrupted process would.
-    fabric = make_fabric(CPU)
-    model, stats = model_from_checkpoint(initial_checkpoint())
-    train, valid = shards.split()
-    Trainer(fabric, model, stats, progress=False).fit(
-        train, valid, stage(), checkpoint_dir=tmp_path / "b", stop_after_epochs=1
-    )
+    interrupted_fit(shards, stage(), tmp_path / "b", epochs=1)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
     resumed = train_in_fabric(
         initial_checkpoint(), shards, stage(), CPU, checkpoint_dir=tmp_path / "b"
@@ -187,7 +185,7 @@ def test_frozen_stage_leaves_the_body_convolutions_alone(shards):
 
 def test_lr_find_sweeps_suggests_and_leaves_the_weights_as_they_were(shards):
     from cassava_pipeline.vision.learner import Trainer
-    from cassava_pipeline.vision.run import make_fabric, model_from_checkpoint
+    from cassava_pipeline.vision.run import make_fabric
     from cassava_pipeline.vision.schedule import suggest_valley
 
     start = initial_checkpoint()
@@ -221,7 +219,7 @@ def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog,
         raise AssertionError("swept again although nothing changed")
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_sweep", no_sweep)
+        m.setattr(Trainer, "sweep", no_sweep)
         again = lr_find_in_fabric(
             initial_checkpoint(), shards, stage(), options, CPU, cache_dir=tmp_path
         )
@@ -459,7 +457,7 @@ def test_carried_adamw_state_is_loaded_exactly_with_this_stages_hyperparameters(
     before = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     model(torch.randn(5, 4)).sum().backward()
     before.step()
-    saved = _cpu(before.state_dict())
+    saved = cpu_copy(before.state_dict())
     after = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     state = carried_state({"freeze": False, "state": saved}, cfg, after)
     load_optimizer_state(after, state)

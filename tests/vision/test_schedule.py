@@ -101,17 +101,6 @@ def test_suggestion_stops_at_nan_and_needs_points():
         suggest_valley([1.0] * 6, [1.0] * 6, 10)
 
 
-def test_fine_tune_is_fastais_two_calls():
-    from cassava_pipeline.vision.learner import StageConfig, fine_tune_stages
-
-    frozen, unfrozen = fine_tune_stages(StageConfig(name="ft", epochs=9, lr=1.0), 4, 2e-3)
-    assert (frozen.epochs, frozen.freeze, frozen.cycle.pct_start) == (1, True, 0.99)
-    assert discriminative_lrs(frozen.lr, 3) == pytest.approx([2e-4, 2e-4, 2e-3])  # slice(2e-3)
-    assert (unfrozen.epochs, unfrozen.freeze) == (4, False)
-    assert (unfrozen.cycle.pct_start, unfrozen.cycle.div) == (0.3, 5.0)
-    assert discriminative_lrs(unfrozen.lr, 3) == pytest.approx([1e-5, 1e-4, 1e-3])
-
-
 def test_smooth_loss_on_a_tensor_is_the_float_average_bit_for_bit():
     """The training loop keeps the running loss on the device (no sync per step): float64
     tensor updates give exactly the Python floats' values."""

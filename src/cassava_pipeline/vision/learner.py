@@ -20,44 +20,37 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning_utilities import apply_to_collection
+from timm.utils import unwrap_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from .allocator import DEFAULT_MODE
-from .atomic import write_atomic
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
-from .integrity import (
-    IntegrityError,
-    NoDigestError,
-    content_sha256,
-    display_path,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .kept import KEPT_FOLDER, KeepPolicy, Kept
+from .integrity import display_path
+from .kept import KeepPolicy
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
-from .provenance import digest, explain, fingerprint, stage_seed
+from .provenance import explain, fingerprint, stage_seed
+from .resume import ResumeFiles, load_sweep, restore, save_sweep, snapshot
 from .schedule import (
+    ExponentialScheduler,
     LrFindOptions,
     OneCycle,
     OneCycleScheduler,
     SmoothLoss,
     discriminative_lrs,
-    lr_at,
     suggest_valley,
 )
 from .shards import ShardedImages
@@ -65,7 +58,6 @@ from .shards import ShardedImages
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_STATES = ("fastai", "reset")
-CHECKPOINT_VERSION = 2  # 2: fingerprints record every input (provenance)
 # Columns of a stage's per-epoch history, in order.
 HISTORY_COLUMNS = (
     "stage",
@@ -162,41 +154,6 @@ class StageResult:
     optimizer_state: dict[str, Any] | None = None
 
 
-def fine_tune_stages(
-    base: StageConfig,
-    epochs: int,
-    base_lr: float = 2e-3,
-    *,
-    freeze_epochs: int = 1,
-    lr_mult: float = 100,
-    pct_start: float = 0.3,
-    div: float = 5.0,
-) -> tuple[StageConfig, StageConfig]:
-    """fastai's ``fine_tune`` as two stages to fit in turn.
-
-    Frozen ``fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)``, then unfrozen
-    ``fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2), pct_start, div)``.
-    """
-    frozen = replace(
-        base,
-        name=f"{base.name}_frozen",
-        epochs=freeze_epochs,
-        lr=(base_lr,),
-        freeze=True,
-        cycle=replace(base.cycle, pct_start=0.99),
-    )
-    half = base_lr / 2
-    unfrozen = replace(
-        base,
-        name=f"{base.name}_unfrozen",
-        epochs=epochs,
-        lr=(half / lr_mult, half),
-        freeze=False,
-        cycle=replace(base.cycle, pct_start=pct_start, div=div),
-    )
-    return frozen, unfrozen
-
-
 def make_optimizer(model: nn.Module, lrs: list[float], cfg: StageConfig) -> torch.optim.AdamW:
     """AdamW over the model's parameter groups; no weight decay on BatchNorm and biases."""
     no_wd = no_decay_params(model)
@@ -252,7 +209,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
     # Copies: torch's load_state_dict keeps a CPU tensor as it is, and under ddp_spawn the
     # checkpoint's tensors reach every process in one shared memory block, so each process's
     # in-place AdamW updates would land in the others' state too.
-    own = _cpu(state["state"])
+    own = cpu_copy(state["state"])
     opt.load_state_dict({"state": own, "param_groups": current["param_groups"]})
 
 
@@ -267,15 +224,9 @@ def optimizer_digest(state: dict[str, Any]) -> str:
     return weights_digest(flat) + ":" + ",".join(map(str, sizes))
 
 
-def _cpu(obj: Any) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A copy of a (nested) state with every tensor cloned onto the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
+    return apply_to_collection(obj, torch.Tensor, lambda t: t.detach().cpu().clone())
 
 
 def mixup_batch(
@@ -309,6 +260,65 @@ def mixup_loss(
     on the item's own labels by ``lam``; then the mean."""
     own = _loss(logits, y, smoothing, "none")
     return torch.lerp(_loss(logits, y_shuffled, smoothing, "none"), own, lam.to(own.dtype)).mean()
+
+
+@dataclass
+class BestEpoch:
+    """fastai's ``SaveModelCallback``: the weights of the epoch with the best ``monitor`` (the
+    highest accuracy, the lowest valid_loss); ``last``: fit_one_cycle without the callback,
+    the last epoch's weights (no copies)."""
+
+    monitor: str
+    weights: dict[str, torch.Tensor] | None = None
+    metric: float | None = None
+    epoch: int = -1
+
+    def update(self, row: dict[str, Any], model: nn.Module) -> None:
+        """After an epoch: a copy of ``model``'s weights when ``row`` is the best so far."""
+        if self.monitor == "last":
+            self.metric, self.epoch = row["accuracy"], row["epoch"]
+            return
+        value = row[self.monitor]
+        if self.metric is None:
+            better = True
+        else:
+            better = value < self.metric if self.monitor == "valid_loss" else value > self.metric
+        if better and not math.isnan(value):
+            self.metric, self.epoch = value, row["epoch"]
+            self.weights = cpu_copy(model.state_dict())
+
+    def load_into(self, model: nn.Module, epochs_done: int) -> dict[str, torch.Tensor]:
+        """Put the kept weights into ``model`` and return them; the last epoch's where none was
+        kept (monitor last, or no finite metric: an empty validation set)."""
+        if self.weights is None:
+            self.weights, self.epoch = cpu_copy(model.state_dict()), epochs_done - 1
+        model.load_state_dict(self.weights)
+        return self.weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.weights, "best_metric": self.metric, "best_epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights, self.metric, self.epoch = (
+            state["best"],
+            state["best_metric"],
+            state["best_epoch"],
+        )
+
+
+@dataclass
+class _Step:
+    """What one training batch uses, set up once per fit or lr_find (:meth:`Trainer._setup`)."""
+
+    model: nn.Module  # Fabric's wrapper
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    augment: BatchAugment
+    gens: tuple[torch.Generator, torch.Generator]  # augmentation (on the device), mixup (CPU)
+    cfg: StageConfig
+    mixup: float  # MixUp alpha; 0 = off
+    grad_accum: int  # batches per optimizer step
 
 
 class Trainer:
@@ -406,7 +416,6 @@ class Trainer:
         *,
         checkpoint_dir: Path | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        stop_after_epochs: int | None = None,
         carried_optimizer: dict[str, Any] | None = None,
     ) -> StageResult:
         """``fit_one_cycle(cfg.epochs, cfg.lr)`` with the stage's freezing, mixup and options.
@@ -415,8 +424,8 @@ class Trainer:
         settings, learning rate, shards' content, starting weights, precision, device type,
         world size, code and package versions): an unfinished one goes on from its last epoch,
         a finished one is returned as it is (same inputs: the same result). Otherwise one log
-        line says which input differs, and the stage trains from the start.
-        ``stop_after_epochs`` simulates an interruption (tests).
+        line says which input differs, and the stage trains from the start. ``on_epoch`` is
+        called with each epoch's history row, after its resume file is written.
 
         ``carried_optimizer`` (``{"freeze": bool, "state": AdamW state_dict}``): the previous
         stage's optimizer state after its last epoch. With ``cfg.optimizer_state: fastai`` it is
@@ -425,15 +434,90 @@ class Trainer:
         freeze/unfreeze; otherwise AdamW starts fresh.
         """
         f = self.fabric
-        (freeze if cfg.freeze else unfreeze)(self.model)
-        lrs = discriminative_lrs(cfg.lr, len(param_groups(self.model)))
-        if cfg.channels_last:  # before DDP wraps it: gradient buckets follow the layout
-            self.model.to(memory_format=torch.channels_last)
-        opt = make_optimizer(self.model, lrs, cfg)
+        opt = self._optimizer(cfg, cfg.lr)
         carried = carried_state(carried_optimizer, cfg, opt)
         fp = self.fingerprint(
             train, cfg, cfg.lr, optimizer=optimizer_digest(carried) if carried else "fresh"
         )
+        tr_loader, va_loader = self.loaders(train, valid, cfg)
+        steps_per_epoch = max(1, len(tr_loader) // cfg.grad_accum)
+        step = self._setup(
+            cfg,
+            opt,
+            lambda o: OneCycleScheduler(o, cfg.epochs * steps_per_epoch, cfg.cycle),
+            carried=carried,
+            mixup=cfg.mixup,
+            grad_accum=cfg.grad_accum,
+            compile=cfg.compile,
+        )
+        files = ResumeFiles(checkpoint_dir, cfg.name, self.keep) if checkpoint_dir else None
+        state = self._resume(files, fp, step)
+        best = BestEpoch(cfg.monitor)
+        best.load_state_dict(state)
+        smooth = SmoothLoss()  # fastai's running train loss carries across epochs
+        smooth.avg, smooth.count = float(state["smooth"][0]), int(state["smooth"][1])
+        if state["epoch"] == 0 and cfg.validate_before:
+            state["start_metrics"] = self._validate_before(step, va_loader)
+        if state["epoch"] == 0 and f.is_global_zero:
+            logger.info("%s: %s", cfg.name, _header())
+        for epoch in range(state["epoch"], cfg.epochs):
+            t0 = time.perf_counter()
+            self._train_epoch(step, tr_loader, epoch, steps_per_epoch * cfg.grad_accum, smooth)
+            _sync_buffers(f, unwrap_model(step.model))
+            row = {
+                "stage": cfg.name,
+                "epoch": epoch,
+                "train_loss": smooth.value,
+                **self.validate(va_loader, step.augment, cfg),
+                "lr": float(step.opt.param_groups[-1]["lr"]),
+                "seconds": time.perf_counter() - t0,
+            }
+            state["history"].append(row)
+            best.update(row, unwrap_model(step.model))
+            state.update(best.state_dict(), epoch=epoch + 1)
+            state["smooth"] = [float(smooth.avg), smooth.count]
+            if f.is_global_zero:
+                logger.info("%s: %s", cfg.name, _row(row))
+                if files is not None:
+                    raw = unwrap_model(step.model)
+                    files.save(snapshot(state, fp, raw, step.opt, step.sched, step.gens))
+                if on_epoch is not None:
+                    on_epoch(row)
+            f.barrier()
+        weights = best.load_into(unwrap_model(step.model), state["epoch"])
+        if best.epoch >= 0 and f.is_global_zero:
+            logger.info(
+                "%s: kept epoch %d of %d (monitor: %s), %s %.6f",
+                cfg.name,
+                best.epoch,
+                cfg.epochs,
+                cfg.monitor,
+                "accuracy" if cfg.monitor == "last" else cfg.monitor,
+                best.metric if best.metric is not None else math.nan,
+            )
+        return StageResult(
+            weights,
+            state["history"],
+            best.epoch,
+            best.metric if best.metric is not None else math.nan,
+            state["start_metrics"],
+            train.content,
+            # after the last epoch, as fastai's (SaveModelCallback reloads weights, not state)
+            cpu_copy(step.opt.state_dict()),
+        )
+
+    def _optimizer(self, cfg: StageConfig, lr) -> torch.optim.AdamW:
+        """Freeze or unfreeze for the stage and make its AdamW at the stage's rates."""
+        (freeze if cfg.freeze else unfreeze)(self.model)
+        lrs = discriminative_lrs(lr, len(param_groups(self.model)))
+        if cfg.channels_last:  # before DDP wraps it: gradient buckets follow the layout
+            self.model.to(memory_format=torch.channels_last)
+        return make_optimizer(self.model, lrs, cfg)
+
+    def _setup(self, cfg, opt, schedule, *, carried, mixup, grad_accum, compile) -> _Step:
+        """Seed the stage's random streams, hand the model and ``opt`` to Fabric, load a
+        ``carried`` AdamW state and make the schedule, augmentation and generators."""
+        f = self.fabric
         seed = stage_seed(cfg.seed, cfg.name)
         torch.manual_seed(seed)
         model, opt = f.setup(self.model, opt)
@@ -441,162 +525,110 @@ class Trainer:
             load_optimizer_state(opt, carried)
             if f.is_global_zero:
                 logger.info("%s: AdamW goes on from the previous stage's state", cfg.name)
-        step_model = torch.compile(model) if cfg.compile else model
-        tr_loader, va_loader = self.loaders(train, valid, cfg)
-        steps_per_epoch = max(1, len(tr_loader) // cfg.grad_accum)
-        sched = OneCycleScheduler(opt, cfg.epochs * steps_per_epoch, cfg.cycle)
-        augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
-        gen = torch.Generator(device=f.device).manual_seed(seed + 7919 * f.global_rank)
-        mix_gen = torch.Generator().manual_seed(seed + 104729 * f.global_rank)
+        return _Step(
+            model=model,
+            forward=torch.compile(model) if compile else model,
+            opt=opt,
+            sched=schedule(opt),
+            augment=BatchAugment(cfg.augment, self.stats.mean, self.stats.std),
+            gens=(
+                torch.Generator(device=f.device).manual_seed(seed + 7919 * f.global_rank),
+                torch.Generator().manual_seed(seed + 104729 * f.global_rank),
+            ),
+            cfg=cfg,
+            mixup=mixup,
+            grad_accum=grad_accum,
+        )
 
+    def _resume(self, files: ResumeFiles | None, fp: dict[str, Any], step: _Step) -> dict:
+        """The loop's state: a resume file's from the same inputs (restored into ``step``), or
+        a fresh one."""
+        f, name = self.fabric, step.cfg.name
         state = {
             "epoch": 0,
             "history": [],
-            "best": None,
-            "best_metric": None,
-            "best_epoch": -1,
-            "smooth": [0.0, 0],  # fastai's running train loss carries across epochs
+            **BestEpoch(step.cfg.monitor).state_dict(),
+            "smooth": [0.0, 0],
             "start_metrics": {},
         }
-        ckpt = checkpoint_dir / "last.pt" if checkpoint_dir is not None else None
-        found = _agreed_resume_file(f, checkpoint_dir, cfg.name, fp, self.keep) if ckpt else None
-        if found is not None:
-            path, saved = found
-            reason = explain(saved.get("fingerprint"), fp)
-            kept = ""
-            if reason is not None and f.is_global_zero:  # kept for when its settings return
-                where = _keep_resume_files(checkpoint_dir, path, saved, self.keep)
-                kept = f" (that run is kept as {display_path(where)})" if where else ""
-            if reason is None:
-                _restore(saved, model, opt, sched, gen, mix_gen)
-                state = {k: saved[k] for k in state}
-                done = "finished; reusing it" if state["epoch"] >= cfg.epochs else "resuming"
-                logger.info(
-                    "%s: %s holds this run after epoch %d: %s",
-                    cfg.name,
-                    display_path(path),
-                    state["epoch"],
-                    done,
-                )
-            elif f.is_global_zero:
-                logger.info(
-                    "%s: %s %s; training from the start%s",
-                    cfg.name,
-                    display_path(path),
-                    reason,
-                    kept,
-                )
-
-        maximize = cfg.monitor != "valid_loss"
-        smooth = SmoothLoss()
-        smooth.avg, smooth.count = float(state["smooth"][0]), int(state["smooth"][1])
-        if state["epoch"] == 0 and cfg.validate_before:
-            # Where the stage starts from (e.g. the untrained head's accuracy): a full
-            # validation pass, which fastai does not make, so it is off by default.
-            _sync_buffers(f, _raw(model))
-            state["start_metrics"] = self.validate(va_loader, augment, cfg)
-            if f.is_global_zero:
-                start = state["start_metrics"]
-                logger.info(
-                    "%s: before training: valid_loss %.6f, accuracy %.6f",
-                    cfg.name,
-                    start["valid_loss"],
-                    start["accuracy"],
-                )
-        if state["epoch"] == 0 and f.is_global_zero:
-            logger.info("%s: %s", cfg.name, _header())
-        for epoch in range(state["epoch"], cfg.epochs):
-            if stop_after_epochs is not None and epoch >= stop_after_epochs:
-                break
-            t0 = time.perf_counter()
-            model.train()
-            tr_loader.sampler.set_epoch(epoch)
-            opt.zero_grad(set_to_none=True)
-            batches = _progress(tr_loader, self.progress, f"{cfg.name} {epoch}")
-            shown = -math.inf  # when the progress bar last showed the loss
-            n_batches = steps_per_epoch * cfg.grad_accum
-            for i, (batch_x, batch_y) in enumerate(batches):
-                if i >= n_batches:
-                    break
-                images = batch_x.to(f.device, non_blocking=True)
-                labels = batch_y.to(f.device, non_blocking=True)  # blocking: waits for the GPU
-                x = _model_input(augment, images, cfg, train=True, generator=gen)
-                last = (i + 1) % cfg.grad_accum == 0
-                with f.no_backward_sync(model, enabled=not last), f.autocast():
-                    if cfg.mixup > 0:
-                        x, y2, lam = mixup_batch(x, labels, cfg.mixup, mix_gen)
-                        logits = step_model(x)
-                        loss = mixup_loss(logits, labels, y2, lam, cfg.label_smoothing)
-                    else:
-                        logits = step_model(x)
-                        loss = _loss(logits, labels, cfg.label_smoothing)
-                f.backward(loss / cfg.grad_accum)
-                # On the device: reading the loss each step would make the CPU wait for the GPU
-                # before it queues the next batch (about 30% of a step on an H200, gpu_check)
-                smooth.update(loss.detach().double())
-                if last:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
-                if self.progress and hasattr(batches, "set_postfix"):
-                    now = time.monotonic()
-                    if now - shown >= POSTFIX_SECONDS or i + 1 == n_batches:  # read rarely
-                        batches.set_postfix(loss=f"{smooth.value:.4f}")
-                        shown = now
-            _sync_buffers(f, _raw(model))
-            metrics = self.validate(va_loader, augment, cfg)
-            row = {
-                "stage": cfg.name,
-                "epoch": epoch,
-                "train_loss": smooth.value,
-                **metrics,
-                "lr": float(opt.param_groups[-1]["lr"]),
-                "seconds": time.perf_counter() - t0,
-            }
-            state["history"].append(row)
-            if cfg.monitor == "last":  # fit_one_cycle without SaveModelCallback: no copies
-                state["best_metric"], state["best_epoch"] = row["accuracy"], epoch
-            else:
-                value = row[cfg.monitor]
-                better = state["best_metric"] is None or (
-                    value > state["best_metric"] if maximize else value < state["best_metric"]
-                )
-                if better and not math.isnan(value):
-                    state["best_metric"], state["best_epoch"] = value, epoch
-                    state["best"] = _cpu(_raw(model).state_dict())
-            state["epoch"] = epoch + 1
-            state["smooth"] = [float(smooth.avg), smooth.count]
-            if f.is_global_zero:
-                logger.info("%s: %s", cfg.name, _row(row))
-                if ckpt is not None:
-                    _save_resume(_snapshot(state, fp, model, opt, sched, gen, mix_gen), ckpt)
-            if on_epoch is not None and f.is_global_zero:
-                on_epoch(row)
-            f.barrier()
-        if state["best"] is None:  # monitor: last, or no finite metric (empty validation)
-            state["best"] = _cpu(_raw(model).state_dict())
-            state["best_epoch"] = state["epoch"] - 1
-        if state["best_epoch"] >= 0 and f.is_global_zero:
+        found = files.find(f, fp) if files is not None else None
+        if found is None:
+            return state
+        path, saved = found
+        reason = explain(saved.get("fingerprint"), fp)
+        if reason is None:
+            restore(saved, unwrap_model(step.model), step.opt, step.sched, step.gens)
+            state = {k: saved[k] for k in state}
+            done = "finished; reusing it" if state["epoch"] >= step.cfg.epochs else "resuming"
             logger.info(
-                "%s: kept epoch %d of %d (monitor: %s), %s %.6f",
-                cfg.name,
-                state["best_epoch"],
-                cfg.epochs,
-                cfg.monitor,
-                "accuracy" if cfg.monitor == "last" else cfg.monitor,
-                state["best_metric"] if state["best_metric"] is not None else math.nan,
+                "%s: %s holds this run after epoch %d: %s",
+                name,
+                display_path(path),
+                state["epoch"],
+                done,
             )
-        _raw(model).load_state_dict(state["best"])
-        return StageResult(
-            state["best"],
-            state["history"],
-            state["best_epoch"],
-            state["best_metric"] if state["best_metric"] is not None else math.nan,
-            state["start_metrics"],
-            train.content,
-            # after the last epoch, as fastai's (SaveModelCallback reloads weights, not state)
-            _cpu(opt.state_dict()),
-        )
+        elif f.is_global_zero:  # kept for when its settings return
+            where = files.set_aside(path, saved)
+            kept = f" (that run is kept as {display_path(where)})" if where else ""
+            logger.info(
+                "%s: %s %s; training from the start%s", name, display_path(path), reason, kept
+            )
+        return state
+
+    def _validate_before(self, step: _Step, loader) -> dict[str, float]:
+        """Where the stage starts from (e.g. the untrained head's accuracy): a full validation
+        pass, which fastai does not make, so it is off by default."""
+        _sync_buffers(self.fabric, unwrap_model(step.model))
+        start = self.validate(loader, step.augment, step.cfg)
+        if self.fabric.is_global_zero:
+            logger.info(
+                "%s: before training: valid_loss %.6f, accuracy %.6f",
+                step.cfg.name,
+                start["valid_loss"],
+                start["accuracy"],
+            )
+        return start
+
+    def _train_epoch(self, step: _Step, loader, epoch: int, n_batches: int, smooth) -> None:
+        """One epoch of training batches (``n_batches``: whole accumulations only)."""
+        step.model.train()
+        loader.sampler.set_epoch(epoch)
+        step.opt.zero_grad(set_to_none=True)
+        batches = _progress(loader, self.progress, f"{step.cfg.name} {epoch}")
+        shown = -math.inf  # when the progress bar last showed the loss
+        for i, batch in enumerate(batches):
+            if i >= n_batches:
+                break
+            loss = self._train_batch(step, batch, last=(i + 1) % step.grad_accum == 0)
+            # On the device: reading the loss each step would make the CPU wait for the GPU
+            # before it queues the next batch (about 30% of a step on an H200, gpu_check)
+            smooth.update(loss.double())
+            if self.progress and hasattr(batches, "set_postfix"):
+                now = time.monotonic()
+                if now - shown >= POSTFIX_SECONDS or i + 1 == n_batches:  # read rarely
+                    batches.set_postfix(loss=f"{smooth.value:.4f}")
+                    shown = now
+
+    def _train_batch(self, step: _Step, batch, *, last: bool) -> torch.Tensor:
+        """One batch, the step fit and lr_find share: augment, forward (mixed up), backward;
+        on the ``last`` batch of an accumulation the optimizer and schedule step. The loss."""
+        f = self.fabric
+        images = batch[0].to(f.device, non_blocking=True)
+        labels = batch[1].to(f.device, non_blocking=True)  # blocking: waits for the GPU
+        x = _model_input(step.augment, images, step.cfg, train=True, generator=step.gens[0])
+        smoothing = step.cfg.label_smoothing
+        with f.no_backward_sync(step.model, enabled=not last), f.autocast():
+            if step.mixup > 0:
+                x, y2, lam = mixup_batch(x, labels, step.mixup, step.gens[1])
+                loss = mixup_loss(step.forward(x), labels, y2, lam, smoothing)
+            else:
+                loss = _loss(step.forward(x), labels, smoothing)
+        f.backward(loss / step.grad_accum)
+        if last:
+            step.opt.step()
+            step.opt.zero_grad(set_to_none=True)
+            step.sched.step()
+        return loss.detach()
 
     def fingerprint(
         self,
@@ -628,6 +660,7 @@ class Trainer:
             optimizer=optimizer,
         )
 
+    # ---- lr_find -------------------------------------------------------------------------
     def lr_find(
         self,
         train: ShardedImages,
@@ -644,59 +677,40 @@ class Trainer:
         """
         fp = self.fingerprint(train, cfg, asdict(options), unused=SWEEP_UNUSED)
         if cache_file is not None:
-            cached = _load_sweep(cache_file, fp)
+            cached = load_sweep(cache_file, fp)
             if cached is not None:
                 return cached
-        result = self._sweep(train, cfg, options)
+        result = self.sweep(train, cfg, options)
         if cache_file is not None and self.fabric.is_global_zero:
-            body = {"fingerprint": fp, "result": result}
-            payload = json.dumps({**body, "sha256": content_sha256(body)}).encode()
-            _save_atomic(payload, cache_file)
+            save_sweep(cache_file, fp, result)
         return result
 
-    def _sweep(self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions):
-        f = self.fabric
+    def sweep(self, train: ShardedImages, cfg: StageConfig, options: LrFindOptions):
+        """fastai's ``LRFinder``: a short fit (the same batch step) with an exponential
+        schedule from ``start_lr`` to ``end_lr`` over ``num_it`` batches, stopped when the
+        smoothed loss passes 4x its best or is NaN; the weights are put back afterwards."""
         started = time.perf_counter()
-        seed = stage_seed(cfg.seed, cfg.name)
-        torch.manual_seed(seed)
         (freeze if cfg.freeze else unfreeze)(self.model)
         saved = copy.deepcopy(self.model.state_dict())
-        n_groups = len(param_groups(self.model))
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        opt = make_optimizer(self.model, [options.start_lr] * n_groups, cfg)
-        model, opt = f.setup(self.model, opt)
+        step = self._setup(
+            cfg,
+            self._optimizer(cfg, options.start_lr),
+            lambda o: ExponentialScheduler(o, options),
+            carried=None,
+            mixup=0.0,
+            grad_accum=1,
+            compile=False,
+        )
         tr_loader, _ = self.loaders(train, train, cfg)
-        augment = BatchAugment(cfg.augment, self.stats.mean, self.stats.std)
-        gen = torch.Generator(device=f.device).manual_seed(seed)
         smooth, best = SmoothLoss(options.beta), math.inf
         lrs, losses = [], []
-        model.train()
-        it, epoch = 0, 0
-        while it < options.num_it:
-            tr_loader.sampler.set_epoch(epoch)
-            for batch_x, batch_y in tr_loader:
-                lr = lr_at(it, options)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                images, labels = batch_x.to(f.device), batch_y.to(f.device)
-                x = _model_input(augment, images, cfg, train=True, generator=gen)
-                with f.autocast():
-                    loss = _loss(model(x), labels, cfg.label_smoothing)
-                f.backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                s = smooth.update(float(loss.detach()))
-                lrs.append(lr)
-                losses.append(s)
-                it += 1
-                best = min(best, s)
-                if (options.stop_div and (s > 4 * best or math.isnan(s))) or it >= options.num_it:
-                    break
-            else:
-                epoch += 1
-                continue
-            break
+        step.model.train()
+        for batch in _batches(tr_loader, options.num_it):
+            lrs.append(step.opt.param_groups[-1]["lr"])
+            losses.append(smooth.update(float(self._train_batch(step, batch, last=True))))
+            best = min(best, losses[-1])
+            if options.stop_div and (losses[-1] > 4 * best or math.isnan(losses[-1])):
+                break
         self.model.load_state_dict(saved)
         suggestion = suggest_valley(lrs, losses, options.num_it)
         logger.info(
@@ -709,6 +723,19 @@ class Trainer:
             suggestion,
         )
         return {"lrs": lrs, "losses": losses, "suggestion": suggestion, "num_it": options.num_it}
+
+
+def _batches(loader, limit: int):
+    """``limit`` batches of ``loader``, epoch after epoch (each epoch's order its own)."""
+    n, epoch = 0, 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            n += 1
+            if n >= limit:
+                return
+        epoch += 1
 
 
 def _model_input(
@@ -731,12 +758,6 @@ def _sync_buffers(fabric, model: nn.Module) -> None:
             dist.broadcast(b, src=0)
 
 
-def _raw(model: nn.Module) -> nn.Module:
-    """The plain module under Fabric's (and DDP's) wrappers."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
-
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """A hash of every tensor's name and bytes: equal for equal weights."""
     h = hashlib.blake2b(digest_size=16)
@@ -744,166 +765,6 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _load_sweep(path: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
-    """The sweep stored in ``path`` if it is intact and was computed from ``fp``; else None."""
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-        body = {"fingerprint": stored["fingerprint"], "result": stored["result"]}
-        intact = stored["sha256"] == content_sha256(body)
-    except (OSError, ValueError, KeyError, TypeError):
-        intact = False
-    if not intact:
-        logger.warning(
-            "lr_find: %s is damaged (its content does not match its sha256); sweeping again",
-            display_path(path),
-        )
-        return None
-    reason = explain(stored["fingerprint"], fp)
-    if reason is not None:
-        logger.info("lr_find: %s %s; sweeping again", display_path(path), reason)
-        return None
-    logger.info(
-        "lr_find: %s holds this sweep (same inputs): suggested lr (valley) %.3g, reusing it",
-        display_path(path),
-        stored["result"]["suggestion"],
-    )
-    return stored["result"]
-
-
-def _snapshot(state, fingerprint, model, opt, sched, gen, mix_gen) -> dict[str, Any]:
-    return {
-        "version": CHECKPOINT_VERSION,
-        "fingerprint": fingerprint,
-        **state,
-        "model": _raw(model).state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "aug_rng": gen.get_state(),
-        "mix_rng": mix_gen.get_state(),
-    }
-
-
-def _restore(saved, model, opt, sched, gen, mix_gen) -> None:
-    _raw(model).load_state_dict(saved["model"])
-    opt.load_state_dict(saved["optimizer"])
-    sched.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    gen.set_state(saved["aug_rng"])
-    mix_gen.set_state(saved["mix_rng"])
-
-
-RESUME_FILES = ("last.pt", "prev.pt")  # this epoch's state, and the one before it
-
-
-def _agreed_resume_file(
-    fabric, folder: Path, name: str, fp: dict[str, Any], keep: KeepPolicy
-) -> tuple[Path, dict[str, Any]] | None:
-    """The resume file every rank uses: rank 0 chooses (setting a damaged one aside, bringing
-    back a kept run of these inputs) and the others load the one it names, so that no two
-    ranks decide differently."""
-    if fabric.world_size == 1:
-        return _choose_resume_file(folder, name, fp, keep)
-    found = _choose_resume_file(folder, name, fp, keep) if fabric.is_global_zero else None
-    choice = fabric.broadcast(found[0].name if found is not None else None, src=0)
-    if fabric.is_global_zero or choice is None:
-        return found
-    path = folder / choice
-    return path, load_checkpoint(path, todo="rank 0 verified it a moment ago; rerun the stage")
-
-
-def _resume_file(folder: Path, name: str, log: bool) -> tuple[Path, dict[str, Any]] | None:
-    """The newest intact resume file of ``folder`` and its content, or None.
-
-    A damaged one (its content does not match its sha256, truncated, foreign) is set aside as
-    ``*.corrupt`` with a warning, and the previous epoch's file is tried instead.
-    """
-    for file in RESUME_FILES:
-        path = folder / file
-        if not path.exists():
-            continue
-        try:
-            return path, load_checkpoint(path, todo="It is not used")
-        except NoDigestError:
-            if log:
-                logger.info(
-                    "%s: %s has no record of its inputs (an older version); training "
-                    "from the start",
-                    name,
-                    display_path(path),
-                )
-            return None
-        except IntegrityError as e:
-            corrupt = path.with_name(f"{path.name}.corrupt")
-            if log:
-                os.replace(path, corrupt)
-                logger.warning(
-                    "%s: %s is damaged (%s); set aside as %s, resuming from the state before it",
-                    name,
-                    display_path(path),
-                    e.problem,
-                    corrupt.name,
-                )
-    return None
-
-
-def _choose_resume_file(
-    folder: Path, name: str, fp: dict[str, Any], keep: KeepPolicy
-) -> tuple[Path, dict[str, Any]] | None:
-    """The newest intact resume file; when it comes from other inputs than ``fp`` and a run
-    from ``fp``'s was kept (:mod:`.kept`), that one is put back in its place first (and the
-    other kept in turn)."""
-    found = _resume_file(folder, name, True)
-    if found is not None and explain(found[1].get("fingerprint"), fp) is None:
-        return found
-    kept = Kept(folder / KEPT_FOLDER, keep, ".pt")
-    match = kept.take(digest(fp))
-    if match is None:
-        return found
-    if found is not None:
-        _keep_resume_files(folder, found[0], found[1], keep)
-    last = folder / RESUME_FILES[0]
-    os.replace(match, last)
-    logger.info(
-        "%s: %s held a run from these same inputs (kept when they last changed); back in place",
-        name,
-        display_path(match),
-    )
-    return _resume_file(folder, name, True)
-
-
-def _keep_resume_files(
-    folder: Path, path: Path, saved: dict[str, Any], keep: KeepPolicy
-) -> Path | None:
-    """Move a resume file from other inputs into the kept folder, under its fingerprint; the
-    older epoch's file beside it goes (it is of the same run). Where it went, or None."""
-    fp = saved.get("fingerprint")
-    if not isinstance(fp, dict):  # an older version's file: no record of its inputs
-        return None
-    where = Kept(folder / KEPT_FOLDER, keep, ".pt").store(path, digest(fp))
-    for file in RESUME_FILES:
-        (folder / file).unlink(missing_ok=True)
-    return where
-
-
-def _save_resume(state: dict[str, Any], path: Path) -> None:
-    """Write this epoch's resume file with its sha256; the previous one becomes prev.pt."""
-    _save_atomic(state, path, keep_previous=path.with_name(RESUME_FILES[1]))
-
-
-def _save_atomic(obj: Any, path: Path, *, keep_previous: Path | None = None) -> None:
-    """A checkpoint with its sha256 (or bytes as they are), written atomically."""
-    if isinstance(obj, bytes):
-        write_atomic(path, lambda fh: fh.write(obj), keep_previous=keep_previous)
-    else:
-        write_atomic(path, lambda fh: save_checkpoint(obj, fh), keep_previous=keep_previous)
 
 
 def _header() -> str:

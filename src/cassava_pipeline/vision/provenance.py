@@ -31,6 +31,7 @@ TRAINING_MODULES = (
     "learner.py",
     "models.py",
     "provenance.py",
+    "resume.py",
     "run.py",
     "schedule.py",
     "shards.py",

@@ -113,6 +113,17 @@ def lr_at(i: int, options: LrFindOptions) -> float:
     return options.start_lr * (options.end_lr / options.start_lr) ** pos
 
 
+class ExponentialScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """lr_find's schedule (fastai's ``SchedExp``): every group at :func:`lr_at` of the step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, options: LrFindOptions):
+        self.options = options
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [lr_at(self.last_epoch, self.options)] * len(self.optimizer.param_groups)
+
+
 class SmoothLoss:
     """fastai's debiased exponential moving average of the loss.
 
