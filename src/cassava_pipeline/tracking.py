@@ -14,7 +14,6 @@ this module adds what a training loop has to log itself, while it runs:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import math
@@ -24,7 +23,6 @@ import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,9 @@ from cassava_pipeline.fallback import (
     environ,
     server_answers,
 )
+from cassava_pipeline.vision.integrity import file_sha256
 from cassava_pipeline.vision.predict import Classifier
+from cassava_pipeline.vision.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +179,6 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip()
 
 
-def file_hash(path: Path) -> str | None:
-    """sha256 of a file, or None when it is absent."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def frame_hash(frame: pd.DataFrame) -> str:
     """A content hash of a table (the manifest: every image's path, label and content hash)."""
     rows = pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
@@ -280,6 +272,7 @@ def log_data_inputs(split_manifest: pd.DataFrame, source: str, name: str) -> Non
 def run_tags(project_path: Path, accelerator: str = "auto") -> dict[str, str]:
     """Provenance tags of a run: code, environment and device."""
     project_path = Path(project_path)
+    lock = project_path / "requirements.lock"
     commit = _git(["rev-parse", "HEAD"], project_path)
     status = _git(["status", "--porcelain", "--untracked-files=no"], project_path)
     wants_cuda = accelerator in ("auto", "cuda", "gpu")
@@ -287,15 +280,13 @@ def run_tags(project_path: Path, accelerator: str = "auto") -> dict[str, str]:
     tags = {
         "git_commit": commit or "unknown (not a git checkout)",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
-        "lock_hash": file_hash(project_path / "requirements.lock") or "missing",
+        "lock_hash": file_sha256(lock) if lock.is_file() else "missing",
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "none",
         "device": torch.cuda.get_device_name(0) if on_cuda else f"cpu ({os.cpu_count()} cores)",
         "python_version": platform.python_version(),
     }
-    for name in TRACKED_PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"version.{name}"] = metadata.version(name)
+    tags.update({f"version.{name}": v for name, v in versions(TRACKED_PACKAGES).items()})
     return tags
 
 

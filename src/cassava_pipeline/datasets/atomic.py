@@ -24,7 +24,7 @@ from kedro_datasets.pandas import CSVDataset as _CSVDataset
 from kedro_datasets.pandas import ParquetDataset as _ParquetDataset
 from kedro_datasets.pillow import ImageDataset as _ImageDataset
 
-from cassava_pipeline.vision.atomic import fsync_dir, remove_dead_temps, temp_path, writing
+from cassava_pipeline.vision.atomic import install, remove_dead_temps, temp_path, writing
 from cassava_pipeline.vision.dist import on_rank_zero
 
 
@@ -63,13 +63,7 @@ class AtomicWrites:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 remove_dead_temps(final)
                 write(data)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
+                install(tmp, final)
         finally:
             self._atomic_target = None
         self._invalidate_cache()  # type: ignore[attr-defined]

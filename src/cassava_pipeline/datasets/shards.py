@@ -10,7 +10,13 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.atomic import remove_dead_temps, remove_path, temp_path, writing
+from cassava_pipeline.vision.atomic import (
+    install,
+    remove_dead_temps,
+    remove_path,
+    temp_path,
+    writing,
+)
 from cassava_pipeline.vision.dist import on_rank_zero
 from cassava_pipeline.vision.integrity import display_path
 from cassava_pipeline.vision.kept import KEPT_FOLDER, KeepPolicy, Kept
@@ -91,16 +97,7 @@ class ImageShardsDataset(AbstractDataset[PresizeJob, ShardedImages]):
         """``folder`` becomes ``path``; the set it replaces is moved aside (and returned), or
         put back where it was if the swap fails."""
         old = temp_path(self._path, os.getpid(), "old")
-        moved = self._path.exists()
-        if moved:
-            self._path.rename(old)
-        try:
-            os.replace(folder, self._path)
-        except BaseException:
-            if moved:  # the previous shards back where they were
-                old.rename(self._path)
-            raise
-        return old if moved else None
+        return old if install(folder, self._path, previous=old) else None
 
     def _keep_aside(self, kept: Kept, folder: Path) -> None:
         """An earlier, complete set into the kept folder under its inputs' digest (removed when

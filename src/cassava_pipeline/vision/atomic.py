@@ -143,10 +143,34 @@ def writing(target: Path, *temps: Path) -> Iterator[None]:
         raise
 
 
+def install(tmp: Path, target: Path, *, previous: Path | None = None) -> bool:
+    """Put a finished temporary (a file or a folder) in ``target``'s place: a file's bytes are
+    synced first, the rename after it too, so that a crash leaves the old output or the new one,
+    never half of either. ``previous``: the output it replaces is renamed there first (put back
+    if the rename fails); returns whether there was one."""
+    if tmp.is_file():
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    moved = previous is not None and target.exists()
+    if moved:
+        os.replace(target, previous)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if moved:  # the previous output back where it was
+            os.replace(previous, target)
+        raise
+    fsync_dir(target.parent)
+    return moved
+
+
 def write_atomic(
     path: Path, write: Callable[[BinaryIO], None], *, keep_previous: Path | None = None
 ) -> None:
-    """Write ``path`` through a synced temporary sibling renamed into place, so a killed
+    """Write ``path`` through a temporary sibling put in place by :func:`install`, so a killed
     process never leaves half a file; ``keep_previous``: the file it replaces is renamed there
     first. Temporaries of dead writers of ``path`` are removed before. A write that fails leaves
     ``path`` as it was (:func:`writing`)."""
@@ -156,18 +180,7 @@ def write_atomic(
         remove_dead_temps(path)
         with open(tmp, "wb") as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        moved = keep_previous is not None and path.exists()
-        if moved:
-            os.replace(path, keep_previous)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if moved:  # put the previous file back where it was
-                os.replace(keep_previous, path)
-            raise
-        fsync_dir(path.parent)
+        install(tmp, path, previous=keep_previous)
 
 
 def fsync_dir(folder: Path) -> None:

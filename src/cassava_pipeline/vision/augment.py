@@ -90,10 +90,6 @@ def _affine(a, b, c, d, e, f) -> torch.Tensor:
     )
 
 
-def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(like.shape[0])
-
-
 def affine_matrices(n: int, opts: AugmentOptions, g, device) -> torch.Tensor:
     """Per-sample (n, 3, 3) matrix: flip @ rotate @ zoom @ crop, in normalised coordinates.
 
