@@ -6,12 +6,26 @@ import io
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from tests.images import gradient_rgb, jpeg_bytes, write_jpeg
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch):
+    """A fresh SQLite tracking store and artifact folder, active for the test only."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    yield uri, exp
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -358,12 +358,10 @@ def _require_postgres() -> None:
 
 @pytest.fixture(scope="module")
 def remote(demo: Path, tmp_path_factory):
-    """The demo project run once more against a tracking server backed by PostgreSQL.
+    """The demo project run once more, mirrored to a tracking server backed by PostgreSQL.
 
-    The server runs without basic-auth: with it, every request checks the password hash and
-    kedro-mlflow logs each parameter in a request of its own, which made this run take 345 s
-    instead of about a minute on the 2-core CI machine (README, 'Remote tracking'). The
-    credentials file is written all the same, as a user of an authenticated server writes it.
+    The server runs without basic-auth (a second test checks it); the credentials file is
+    written all the same, as a user of an authenticated server writes it.
     """
     _require_postgres()
     tmp = tmp_path_factory.mktemp("remote")
@@ -390,11 +388,21 @@ def _remote_client(server, monkeypatch):
 @pytest.mark.slow
 def test_remote_tracking_server_on_postgres(remote, monkeypatch):
     root, server, db = remote
-    assert not (root / "mlflow.db").exists()  # nothing fell back to the local store
     client = _remote_client(server, monkeypatch)
     exp = client.get_experiment_by_name("cassava_pipeline")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
+    # recorded in the local store and mirrored whole: nothing waits for a sync
+    from mlflow.tracking import MlflowClient
+
+    from cassava_pipeline.fallback import SYNCED_TO, pending
+
+    local_uri = f"sqlite:///{root / 'mlflow.db'}"
+    (local,) = MlflowClient(local_uri).search_runs(
+        [MlflowClient(local_uri).get_experiment_by_name("cassava_pipeline").experiment_id]
+    )
+    assert local.data.tags[SYNCED_TO] == f"{server.uri} {run.info.run_id}"
+    assert pending(local_uri) == []
     assert run.data.params["frozen.train.epochs"] == "1"
     for key in ("train_loss", "valid_loss", "accuracy", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
@@ -492,8 +500,9 @@ def _watch(proc: subprocess.Popen, log: Path, until, timeout: float = 600) -> fl
 @pytest.mark.slow
 def test_server_dying_mid_run_falls_back_and_sync_sends_the_run_back(demo: Path, tmp_path):
     """A real `mlflow server` on loopback, stopped once the frozen stage is saved: the run
-    completes with every output, exits 0 soon after the pipeline's end with one warning, and
-    `python -m cassava_pipeline.fallback sync` gives the server run everything it missed."""
+    completes with every output (recorded whole in the local store), exits 0 soon after the
+    pipeline's end with one warning, and `python -m cassava_pipeline.fallback sync` gives the
+    server run everything it missed."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -545,7 +554,7 @@ def test_server_dying_mid_run_falls_back_and_sync_sends_the_run_back(demo: Path,
     assert fallback.info.status == "FINISHED"
     assert fallback.data.tags[FALLBACK_FOR] == server_run
     assert "final_metrics.tta_accuracy" in fallback.data.metrics
-    assert fallback.data.params["frozen.train.epochs"] == "1"  # replayed from the server run
+    assert fallback.data.params["frozen.train.epochs"] == "1"
 
     with servers.mlflow_server(backend, workdir, port=port) as server:
         client = MlflowClient(server.uri)

@@ -351,6 +351,9 @@ def _imported_files(module: str) -> set[str]:
     return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py"}
 
 
+HOOKS = "src/cassava_pipeline/hooks"
+
+
 @pytest.mark.parametrize(
     ("stage", "pipelines"),
     [
@@ -369,6 +372,7 @@ def test_each_stage_depends_on_the_code_it_runs(stage, pipelines):
     needed = set().union(*(_imported_files(f"cassava_pipeline.pipelines.{p}") for p in pipelines))
     needed |= {f"src/cassava_pipeline/pipelines/{p}/pipeline.py" for p in pipelines}
     if stage != "sample":  # the project's settings, config loader and hooks shape every run
-        needed |= {f"src/cassava_pipeline/{m}.py" for m in ("settings", "config", "hooks")}
+        needed |= {f"src/cassava_pipeline/{m}.py" for m in ("settings", "config")}
+        needed |= {str(p.relative_to(REPO)) for p in (REPO / HOOKS).glob("*.py")}
     assert sorted(p for p in needed if not covered(p)) == []
     assert all((REPO / d).exists() for d in deps if not d.startswith(("${", "data/")))

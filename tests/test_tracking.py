@@ -1,11 +1,12 @@
-"""MLflow tracking pieces on a throw-away SQLite store: epoch logging, tags, the pyfunc model."""
+"""MLflow tracking pieces on a throw-away SQLite store: epoch logging, tags, the pyfunc model.
+
+The mirror on a tracking server is in test_fallback.py, the hooks in tests/hooks/.
+"""
 
 from __future__ import annotations
 
 import base64
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,23 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cassava_pipeline.datasets import MlflowPyfuncModelDataset
-from cassava_pipeline.hooks import server_answers
 from cassava_pipeline.tracking import EpochLogger, frame_hash, run_tags
 from tests.images import REPO
 from tests.training import exported
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch):
-    """A fresh SQLite tracking store and artifact folder, active for the test only."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
-    yield uri, exp
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
 
 
 def _row(epoch: int, acc: float) -> dict:
@@ -53,14 +40,13 @@ def test_epoch_logger_uses_global_steps_and_fills_gaps(store):
     assert EpochLogger.for_active_run(offset=0) is None  # no run, no logging
 
 
-def test_unreachable_server_warns_once_and_never_raises(caplog):
-    tracker = EpochLogger("http://127.0.0.1:9", "no-such-run", 0)
+def test_a_store_that_cannot_be_written_warns_once_and_never_raises(tmp_path, caplog):
+    tracker = EpochLogger(f"sqlite:///{tmp_path / 'no' / 'such' / 'folder.db'}", "no-run", 0)
     with caplog.at_level(logging.WARNING):
         tracker(_row(0, 0.5))
         tracker(_row(1, 0.6))
     assert tracker.disabled
-    assert sum("MLflow stopped answering" in r.message for r in caplog.records) == 1
-    assert not server_answers("http://127.0.0.1:9", timeout=1)
+    assert sum("could not record epoch metrics" in r.message for r in caplog.records) == 1
 
 
 def test_run_tags_and_data_hash():
@@ -169,122 +155,6 @@ def test_pyfunc_requirements_cover_every_package_the_model_imports():
     missing = imported - covered - {canonicalize_name("cassava-pipeline")}
     assert not missing, f"add to PYFUNC_REQUIREMENTS ({PYFUNC_REQUIREMENTS}): {sorted(missing)}"
     assert {"torch", "timm", "safetensors"} <= imported  # the scan sees the model's own imports
-
-
-# ---- the failover to the local store (cassava_pipeline.fallback) --------------------------
-
-
-def test_failover_moves_the_active_run_and_the_epoch_logger_follows(store, caplog, monkeypatch):
-    """The "server" here is a second SQLite store standing in for a dead ``http`` server: the
-    switch never calls it, so what matters is what the switch does to MLflow's state."""
-    # Kedro's logging set-up (run when kedro-mlflow's hook module is first imported, by the
-    # switch or an earlier test) replaces the root's handlers: listen on the module's logger.
-    from cassava_pipeline.fallback import FALLBACK_FOR, FALLBACK_FROM, Failover, active_failover
-
-    module_log = logging.getLogger("cassava_pipeline.fallback")
-    monkeypatch.setattr(module_log, "handlers", [caplog.handler])
-    monkeypatch.setattr(module_log, "propagate", False)  # caplog may be on the root too
-    uri, exp = store
-    with mlflow.start_run(experiment_id=exp, run_name="cassava") as server_run:
-        rid = server_run.info.run_id
-        tracker = EpochLogger.for_active_run(offset=0)
-        failover = Failover("http://127.0.0.1:9", rid, "cassava_pipeline", "cassava", {"a": "1"})
-        failover._arm()
-        try:
-            assert active_failover() is failover
-            with caplog.at_level(logging.WARNING):
-                local_id = failover.switch("ConnectionError: refused", "node unfrozen")
-                assert failover.switch("again", "elsewhere") == local_id  # once only
-            assert mlflow.active_run().info.run_id == local_id
-            assert mlflow.get_tracking_uri() == "sqlite:///mlflow.db"
-            tracker(_row(1, 0.75))  # logged where the run is now
-            failover.set_tags({"data_hash": "abc"})
-        finally:
-            failover.disarm()
-            mlflow.end_run()
-        assert active_failover() is None
-    warnings = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "python -m cassava_pipeline.fallback sync" in warnings[0]
-    local = MlflowClient("sqlite:///mlflow.db").get_run(local_id)
-    assert local.info.status == "FINISHED" and local.info.run_name == "cassava"
-    assert local.data.tags[FALLBACK_FOR] == rid
-    assert local.data.tags[FALLBACK_FROM] == "http://127.0.0.1:9"
-    assert local.data.tags["a"] == "1" and local.data.tags["data_hash"] == "abc"
-    assert local.data.metrics["accuracy"] == 0.75
-    assert MlflowClient(uri).get_run(rid).data.metrics == {}  # the "server" heard nothing
-
-
-def test_failover_keeps_a_dead_servers_noise_out_of_the_log(caplog):
-    from cassava_pipeline.fallback import HTTP_ENV, Failover
-
-    failover = Failover("http://127.0.0.1:9", "r", "e", "n", {})
-    failover._arm()
-    try:
-        assert all(os.environ[k] == v for k, v in HTTP_ENV.items())
-        with caplog.at_level(logging.INFO):
-            logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=0)) ...")
-            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
-                "Failed to get mlflow run: connection refused."
-            )
-            logging.getLogger("urllib3.connectionpool").warning("Connection pool is full")
-    finally:
-        failover.disarm()
-    assert [r.message for r in caplog.records] == ["Connection pool is full"]
-    assert not any(k in os.environ for k in HTTP_ENV)  # as they were (unset) before
-
-
-def test_sync_command_without_a_server(tmp_path, monkeypatch, capsys):
-    from cassava_pipeline.fallback import FALLBACK_FOR, FALLBACK_FROM, main
-
-    shutil.copytree(REPO / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
-    monkeypatch.chdir(tmp_path)
-    assert main(["sync"]) == 2  # no conf/local yet (make creates it)
-    assert "conf/local" in capsys.readouterr().err
-    (tmp_path / "conf" / "local").mkdir()
-    assert main(["sync"]) == 2  # conf/base names the local store: nothing to send to
-    assert "pass --to" in capsys.readouterr().err
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow caches stores by URI: no relative one
-    assert main(["sync", "--to", "http://127.0.0.1:9", "--local", store]) == 0
-    assert "nothing to send" in capsys.readouterr().out
-    local = MlflowClient(store)
-    exp = local.create_experiment("cassava_pipeline")
-    run = local.create_run(exp, tags={FALLBACK_FROM: "http://127.0.0.1:9", FALLBACK_FOR: ""})
-    local.set_terminated(run.info.run_id)
-    assert main(["sync", "--to", "http://127.0.0.1:9", "--local", store]) == 1  # server down
-    assert "1 run(s) wait" in capsys.readouterr().err
-
-
-def test_a_nodes_parameters_go_to_mlflow_in_one_batch(store, monkeypatch):
-    """kedro-mlflow's per-node parameters through ``KedroMlflowHooks``: one ``log_params`` call
-    for the node, the same values as one by one, and a value too long for MLflow handled by
-    kedro-mlflow's own strategy (here: a tag)."""
-    from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
-    from cassava_pipeline.hooks import KedroMlflowHooks
-
-    _, exp = store
-    inner = MlflowHook()
-    inner.flatten, inner.long_params_strategy = True, "tag"
-    hooks = KedroMlflowHooks(inner)
-    calls = []
-    real = mlflow.log_params
-    monkeypatch.setattr(mlflow, "log_params", lambda p: calls.append(dict(p)) or real(p))
-    long = "x" * (MAX_PARAM_VAL_LENGTH + 1)
-    inputs = {
-        "params:train": {"epochs": 3, "loader": {"batch_size": 32}, "lr": [1e-5, 1e-3]},
-        "params:note": long,
-        "checkpoint": object(),  # not a parameter
-    }
-    with mlflow.start_run(experiment_id=exp) as run:
-        inner.run_id = run.info.run_id
-        hooks._before_node_run(None, None, inputs, False)
-    assert calls == [{"train.epochs": 3, "train.loader.batch_size": 32, "train.lr": [1e-5, 1e-3]}]
-    data = MlflowClient().get_run(run.info.run_id).data
-    assert data.params == {"train.epochs": "3", "train.loader.batch_size": "32",
-                           "train.lr": "[1e-05, 0.001]"}  # fmt: skip
-    assert data.tags["note"] == long
-    assert "_log_param" not in vars(inner)  # kedro-mlflow's own method again
 
 
 def test_dvc_invocation_is_read_from_what_dvc_passes_its_stages():

@@ -34,8 +34,9 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's system tag: the UI nests a run under that run
 KEY_TAG = "dvc.invocation"
 STAGE_TAG = "dvc.stage"
-# what a stage records about itself only (its process, its own time): not the experiment's
-_OWN_TAGS = ("mlflow.", "dvc.stage", "pid", "host", "kedro_pipeline", "failed_rank", "failure")
+# what a stage records about itself only (its process, its own time, its mirror on a server):
+# not the experiment's
+_OWN_TAGS = ("mlflow.", "dvc.stage", "pid", "host", "kedro_pipeline", "fail", "cassava.")
 _BATCH = 900  # MLflow takes up to 1000 metrics, 100 params per log_batch
 
 

@@ -1,30 +1,17 @@
-"""When the tracking server stops answering: the local fallback store, and the way back.
+"""The local store, and its mirror on a tracking server.
 
-A long training run must not fail, nor wait minutes on HTTP retries, because the MLflow server
-went away after it started. :class:`Failover` is armed by the project's hooks when a run starts
-on an ``http(s)`` server. It checks the server (its ``/health``, 3 s at most) before each node,
-before each save to an MLflow dataset, on pipeline end and error, and whenever the epoch logger
-gets no answer. The first time the server does not answer, it moves the run, once, to the local
-store ``sqlite:///mlflow.db``:
+Every run is recorded in the local store ``sqlite:///mlflow.db``, whatever ``mlflow.yml``
+names: kedro-mlflow, the epoch logger and the MLflow datasets write there, and nothing they do
+waits on a network. When ``mlflow.yml`` names an ``http(s)`` tracking server, the project's
+hooks (:mod:`cassava_pipeline.hooks`) mirror the run to it with MLflow's public client: the
+server run is made at the start, parameters, tags and metrics are sent after every epoch and
+node (the MLflow UI draws curves while a long run goes on), and at the end the whole run:
+artifacts, logged models and the final status.
 
-- the server's run is left as it is (the server cannot hear anything) and dropped from MLflow's
-  active-run stack, its system-metrics thread stopped;
-- a local run is started in an experiment of the same name, with the server run's tags, the
-  parameters logged so far, and ``cassava.fallback_for`` / ``cassava.fallback_from`` naming
-  the server run and the server; kedro-mlflow's hook is pointed at it, so the rest of the run
-  (node parameters, metric and artifact datasets, the model, the final status) lands there;
-- one warning says so, with the command that sends the local run back.
-
-The run goes on and ends as it would have; checkpoints and every local output are unaffected.
-While armed, MLflow's HTTP client retries once (``MLFLOW_HTTP_REQUEST_*``, unless the user set
-them), and the retry and system-metrics warnings of a server that is gone are kept out of the
-log at DEBUG: the one warning says everything.
-
-``python -m cassava_pipeline.fallback sync`` copies every local run that fell back (also those
-that started while the server was down) into the server once it answers again: parameters,
-tags, metric histories, artifacts and logged models, then the final status. It is idempotent:
-what the server run has already is not sent twice, and a synced run is tagged
-``cassava.synced_to``.
+A server that does not answer (its ``/health``, 3 s at most) is not waited for: one warning,
+no more calls to it in this run, and the run, complete in the local store, waits for
+``python -m cassava_pipeline.fallback sync``, which sends every waiting run what its server run
+does not have yet. A second sync sends nothing; a synced run is tagged ``cassava.synced_to``.
 """
 
 from __future__ import annotations
@@ -35,9 +22,8 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,31 +31,24 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
-from mlflow.tracking import MlflowClient, fluent
+from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
 LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
-FALLBACK_FOR = "cassava.fallback_for"  # the server run this local run continues ("" if none)
-FALLBACK_FROM = "cassava.fallback_from"  # the server the run could not reach
+FALLBACK_FOR = "cassava.fallback_for"  # the server run this local run is mirrored to ("": none)
+FALLBACK_FROM = "cassava.fallback_from"  # the server the run is for
 FALLBACK_WHERE = "cassava.fallback_at"  # where the run was when the server went away
-SYNCED_TO = "cassava.synced_to"  # "<server uri> <run id>" once sent back
+SYNCED_TO = "cassava.synced_to"  # "<server uri> <run id>" once sent back whole
 SYNCED_MODEL = "cassava.synced_from_model"  # on a server's logged model: the local model id
 SYNC_COMMAND = "python -m cassava_pipeline.fallback sync"
+PARENT = "mlflow.parentRunId"  # MLflow's tag of a nested run (a DVC stage under its command)
 
-# While armed: one retry, no long back-off (a dead server is failed over, not waited for).
+# The mirror's calls: one retry, a short timeout (a dead server is given up, not waited for).
 HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-# What MLflow and urllib3 log about a server that is gone, once per call or per thread.
-_QUIET = {
-    "urllib3.connectionpool": ("Retrying",),
-    "mlflow.system_metrics.system_metrics_monitor": (
-        "Failed to get mlflow run",
-        "Failed to log system metrics",
-    ),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per push would fill the run's log
 }
 
 
@@ -87,192 +66,106 @@ def server_answers(uri: str, timeout: float = 3.0) -> bool:
 
 
 class _Demote(logging.Filter):
-    """Lowers the records of a server that is gone to DEBUG (the failover warns once)."""
-
-    def __init__(self, prefixes: tuple[str, ...]):
-        super().__init__()
-        self.prefixes = prefixes
+    """urllib3's retry records of a server that went away mid-call, lowered to DEBUG (the
+    mirror warns once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith(self.prefixes):
+        if str(record.msg).startswith("Retrying"):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
+@contextlib.contextmanager
+def _few_retries() -> Iterator[None]:
+    """:data:`HTTP_ENV` (where the user set none) and urllib3's retry noise demoted."""
+    log, demote = logging.getLogger("urllib3.connectionpool"), _Demote()
+    log.addFilter(demote)
+    try:
+        with environ({k: v for k, v in HTTP_ENV.items() if k not in os.environ}):
+            yield
+    finally:
+        log.removeFilter(demote)
+
+
 @dataclass
-class Failover:
-    """The armed failover of one ``kedro run`` (see the module docstring)."""
+class Mirror:
+    """The mirror of one local run (and its DVC parent run) on ``server_uri``."""
 
     server_uri: str
     run_id: str
-    experiment_name: str
-    run_name: str
-    tags: dict[str, str]
-    local_run_id: str | None = None
-    _params: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
-    _lock: threading.RLock = field(default_factory=threading.RLock)
-    _env: dict[str, str | None] = field(default_factory=dict)
-    _filters: list[tuple[logging.Logger, logging.Filter]] = field(default_factory=list)
+    parent_id: str | None = None  # the run of the DVC command this stage belongs to
+    local_uri: str = LOCAL_TRACKING_URI
+    gone: str | None = None  # why the server was given up (it is not called again)
+    known: Known | None = None  # what the server run holds (kept between pushes)
 
-    # ---- arming -----------------------------------------------------------------------------
-    @classmethod
-    def for_active_run(cls) -> Failover | None:
-        """Arm for MLflow's active run when it lives on an ``http(s)`` server."""
-        run = mlflow.active_run()
-        uri = mlflow.get_tracking_uri()
-        if run is None or not is_remote(uri):
-            return None
+    def push(self, where: str, *, final: bool = False) -> bool:
+        """Send the server what it lacks of the run (``final``: artifacts, models and status
+        too, and the parent's); False, with one warning the first time, when it does not
+        answer."""
+        if self.gone is not None:
+            return False
         try:
-            data = MlflowClient(uri).get_run(run.info.run_id)
-            experiment = mlflow.get_experiment(data.info.experiment_id).name
-        except Exception as e:  # the server went away already: fail over at the next check
-            logger.debug("could not read run %s from %s: %s", run.info.run_id, uri, e)
-            data, experiment = None, os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")
-        tags = dict(data.data.tags) if data is not None else {}
-        name = data.info.run_name if data is not None else run.info.run_name
-        failover = cls(uri, run.info.run_id, experiment, name or "", tags)
-        failover._arm()
-        return failover
-
-    def _arm(self) -> None:
-        global _ACTIVE  # noqa: PLW0603 - one armed failover per process
-        for key, value in HTTP_ENV.items():
-            if key not in os.environ:
-                self._env[key] = None
-                os.environ[key] = value
-        for name, prefixes in _QUIET.items():
-            log, demote = logging.getLogger(name), _Demote(prefixes)
-            log.addFilter(demote)
-            self._filters.append((log, demote))
-        _ACTIVE = self
-
-    def disarm(self) -> None:
-        global _ACTIVE  # noqa: PLW0603 - one armed failover per process
-        for key in self._env:
-            os.environ.pop(key, None)
-        self._env.clear()
-        for log, demote in self._filters:
-            log.removeFilter(demote)
-        self._filters.clear()
-        if _ACTIVE is self:
-            _ACTIVE = None
-
-    # ---- what the run does while armed --------------------------------------------------------
-    @property
-    def failed_over(self) -> bool:
-        return self.local_run_id is not None
-
-    def remember_params(self, node: Any, params: dict[str, Any]) -> None:
-        """A node's parameter inputs, replayed into the local run if the server goes away."""
-        if params:
-            self._params.append((node, params))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """``mlflow.set_tags`` on the run, wherever it lives now."""
-        self.tags.update(tags)
-        self.call(lambda: mlflow.set_tags(tags), "setting tags")
-
-    def check(self, where: str) -> None:
-        """Fail over if the server does not answer its health check now."""
-        if not self.failed_over and not server_answers(self.server_uri):
-            self.switch(f"{self.server_uri}/health did not answer", where)
-
-    def call(self, fn: Callable[[], Any], where: str) -> Any:
-        """``fn()``; if the server does not answer, fail over and call it again (locally)."""
-        try:
-            return fn()
+            with _few_retries():
+                if not server_answers(self.server_uri):
+                    raise ConnectionError(f"{self.server_uri}/health did not answer")
+                local = MlflowClient(self.local_uri)
+                run = local.get_run(self.run_id)
+                sent = sync(self.local_uri, self.server_uri, run, final=final, known=self.known)
+                self.known = sent.known
+                if final and self.parent_id:
+                    parent = local.get_run(self.parent_id)
+                    done = parent.info.status != "RUNNING"
+                    sync(self.local_uri, self.server_uri, parent, final=done)
+            return True
         except Exception as e:
-            if self.failed_over or server_answers(self.server_uri):
-                raise
-            self.switch(_reason(e), where)
-            return fn()
+            self.give_up(_reason(e), where)
+            return False
 
-    def switch(self, reason: str, where: str) -> str:
-        """Move the run to the local store (once); returns the local run's id."""
-        with self._lock:
-            if self.local_run_id is not None:
-                return self.local_run_id
-            monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
-            shutdown = getattr(monitor, "_shutdown_event", None)
-            if shutdown is not None:  # its thread ends at its next wake-up, calling nothing
-                shutdown.set()
-            stack = fluent._active_run_stack.get()
-            stack[:] = [r for r in stack if r.info.run_id != self.run_id]  # not ended: unheard
-            os.environ.pop("MLFLOW_RUN_ID", None)
-            mlflow.set_tracking_uri(LOCAL_TRACKING_URI)
-            mlflow.set_experiment(self.experiment_name)
-            keep = {k: v for k, v in self.tags.items() if k != "mlflow.runName"}
-            run = mlflow.start_run(
-                run_name=self.run_name or None,
-                tags={
-                    **keep,
-                    FALLBACK_FOR: self.run_id,
-                    FALLBACK_FROM: self.server_uri,
-                    FALLBACK_WHERE: where,
-                },
-            )
-            self.local_run_id = run.info.run_id
-            self._point_kedro_mlflow_here()
-            logger.warning(
-                "The MLflow tracking server %s stopped answering (%s) at %s. The run goes on: "
-                "checkpoints and outputs are written as usual, and what MLflow records from now "
-                "on goes to the local store %s, run %s in experiment '%s' (run %s on the server "
-                "holds what came before). Send it to the server once it answers again: %s",
-                self.server_uri,
-                reason,
-                where,
-                LOCAL_TRACKING_URI,
-                self.local_run_id,
-                self.experiment_name,
-                self.run_id,
-                SYNC_COMMAND,
-            )
-            return self.local_run_id
-
-    def _point_kedro_mlflow_here(self) -> None:
-        """kedro-mlflow reopens its run by id before every node and ends it after the pipeline:
-        give it the local run, and the parameters it logged to the server."""
-        try:
-            from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook  # noqa: PLC0415
-        except ImportError:  # pragma: no cover - kedro-mlflow is a dependency
-            return
-        if getattr(mlflow_hook, "run_id", None) != self.run_id:
-            return
-        mlflow_hook.run_id = self.local_run_id
-        mlflow_hook.mlflow_config.server._mlflow_client = MlflowClient(LOCAL_TRACKING_URI)
-        for node, params in self._params:
-            mlflow_hook.before_node_run(node=node, catalog=None, inputs=params, is_async=False)
+    def give_up(self, reason: str, where: str) -> None:
+        """Stop calling the server for this run: one warning, and the run waits for sync."""
+        self.gone = reason
+        with contextlib.suppress(Exception):
+            MlflowClient(self.local_uri).set_tag(self.run_id, FALLBACK_WHERE, where)
+        logger.warning(
+            "The MLflow tracking server %s stopped answering (%s) at %s. The run goes on: "
+            "checkpoints and outputs are written as usual, and the run is recorded whole in the "
+            "local store %s, run %s. Send it to the server once it answers again: %s",
+            self.server_uri,
+            reason,
+            where,
+            self.local_uri,
+            self.run_id,
+            SYNC_COMMAND,
+        )
 
     def summary(self) -> str:
         return (
-            f"MLflow records of this run since the server {self.server_uri} went away are in "
-            f"{LOCAL_TRACKING_URI}, run {self.local_run_id}; send them with: {SYNC_COMMAND}"
+            f"MLflow records of this run are in {self.local_uri}, run {self.run_id}; the server "
+            f"{self.server_uri} did not get them all. Send them with: {SYNC_COMMAND}"
         )
 
 
-_ACTIVE: Failover | None = None
+_ACTIVE: Mirror | None = None
 
 
-def active_failover() -> Failover | None:
-    """The failover armed in this process (None in spawned training processes)."""
+def start_mirror(mirror: Mirror) -> Mirror:
+    """Make ``mirror`` this process's (one run at a time)."""
+    global _ACTIVE  # noqa: PLW0603 - one mirror per process
+    _ACTIVE = mirror
+    return mirror
+
+
+def stop_mirror() -> Mirror | None:
+    """End this process's mirror (for the run's last push); returns it."""
+    global _ACTIVE
+    mirror, _ACTIVE = _ACTIVE, None
+    return mirror
+
+
+def active_mirror() -> Mirror | None:
+    """This process's mirror (None without a server, and in spawned training processes)."""
     return _ACTIVE
-
-
-def guarded(fn: Callable[[], Any], where: str) -> Any:
-    """``fn()`` through the armed failover (:meth:`Failover.call`), or plainly if none is."""
-    failover = active_failover()
-    return fn() if failover is None else failover.call(fn, where)
-
-
-def set_tags(tags: dict[str, str]) -> None:
-    """``mlflow.set_tags`` through the armed failover (which also keeps them for the local run
-    a later switch starts), or plainly if none is."""
-    failover = active_failover()
-    if failover is None:
-        mlflow.set_tags(tags)
-    else:
-        failover.set_tags(tags)
 
 
 def _reason(error: BaseException) -> str:
@@ -316,6 +209,7 @@ class SyncResult:
     metrics: int
     artifacts: int
     models: int
+    known: Any = None  # what the server run holds now (Known)
 
     def line(self, server_uri: str) -> str:
         return (
@@ -325,60 +219,105 @@ class SyncResult:
         )
 
 
-def sync(local_uri: str, server_uri: str, run: Any) -> SyncResult:
-    """Send one local fallback run to ``server_uri`` (see the module docstring)."""
+@dataclass
+class Known:
+    """What a server run holds, fetched once and kept up to date by each push, so that a push
+    asks the server nothing it was already told (a mirror's pushes share one)."""
+
+    run_id: str
+    params: set[str] = field(default_factory=set)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, set[tuple[int, int, float]]] = field(default_factory=dict)
+
+
+def sync(
+    local_uri: str, server_uri: str, run: Any, *, final: bool = True, known: Known | None = None
+) -> SyncResult:
+    """Send one local run to ``server_uri``: what its server run (made on the first call) lacks
+    of its parameters, tags and metric histories; ``final``: also its artifacts, logged models
+    and status, and the run is tagged synced (a second sync sends nothing). ``known``: what the
+    server run is known to hold (updated here); without it, it is read from the server."""
     local, server = MlflowClient(local_uri), MlflowClient(server_uri)
     info, data = run.info, run.data
-    experiment = local.get_experiment(info.experiment_id).name
     target = data.tags.get(FALLBACK_FOR) or ""
-    if target:
-        server_run = server.get_run(target)
-    else:  # the server was down when the run started: it gets a run of its own now
-        exp = server.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else server.create_experiment(experiment)
-        server_run = server.create_run(
+    if not target:  # the first push of this run, or the server was down when it started
+        experiment = local.get_experiment(info.experiment_id)
+        exp = server.get_experiment_by_name(experiment.name)
+        exp_id = exp.experiment_id if exp else server.create_experiment(
+            experiment.name, tags=experiment.tags
+        )  # fmt: skip
+        made = server.create_run(
             exp_id, start_time=info.start_time, tags={"mlflow.runName": info.run_name or ""}
         )
-        target = server_run.info.run_id
+        target = made.info.run_id
         local.set_tag(info.run_id, FALLBACK_FOR, target)  # a retried sync finds it again
-    have = server_run.data
+        known = Known(target, tags=dict(made.data.tags))
+    elif known is None or known.run_id != target:
+        have = server.get_run(target).data
+        known = Known(target, set(have.params), dict(have.tags))
+    result = SyncResult(info.run_id, target, 0, 0, 0, 0, known)
 
-    params = [Param(k, v) for k, v in data.params.items() if k not in have.params]
+    params = [Param(k, v) for k, v in data.params.items() if k not in known.params]
     skip = {FALLBACK_FOR, FALLBACK_FROM, FALLBACK_WHERE, "mlflow.runName"}
-    tags = [RunTag(k, v) for k, v in data.tags.items() if k not in skip]
-    tags.append(RunTag("cassava.synced_from", f"{local_uri} {info.run_id}"))
+    wanted = {k: v for k, v in data.tags.items() if k not in skip}
+    if PARENT in wanted:  # the parent's id on the server (sent first when it has none)
+        parent = _server_id(local_uri, server_uri, wanted.pop(PARENT))
+        if parent:
+            wanted[PARENT] = parent
+    wanted["cassava.synced_from"] = f"{local_uri} {info.run_id}"
+    tags = [RunTag(k, v) for k, v in wanted.items() if known.tags.get(k) != v]
     for i in range(0, len(params), 100):
         server.log_batch(target, params=params[i : i + 100])
+        known.params.update(p.key for p in params[i : i + 100])
     for i in range(0, len(tags), 100):
         server.log_batch(target, tags=tags[i : i + 100])
+        known.tags.update((t.key, t.value) for t in tags[i : i + 100])
+    result.params = len(params)
 
-    metrics: list[Metric] = []
+    new: list[Metric] = []
     for key in data.metrics:
-        there = {(m.step, m.timestamp, m.value) for m in server.get_metric_history(target, key)}
-        metrics += [
+        if not final and key.startswith("system/"):  # sampled every few seconds: at the end
+            continue
+        if key not in known.metrics:
+            known.metrics[key] = {
+                (m.step, m.timestamp, m.value) for m in server.get_metric_history(target, key)
+            }
+        new += [
             Metric(key, m.value, m.timestamp, m.step)
             for m in local.get_metric_history(info.run_id, key)
-            if (m.step, m.timestamp, m.value) not in there
+            if (m.step, m.timestamp, m.value) not in known.metrics[key]
         ]
-    for i in range(0, len(metrics), 1000):
-        server.log_batch(target, metrics=metrics[i : i + 1000])
+    for i in range(0, len(new), 1000):  # every key's new values in one request
+        server.log_batch(target, metrics=new[i : i + 1000])
+        for m in new[i : i + 1000]:
+            known.metrics[m.key].add((m.step, m.timestamp, m.value))
+    result.metrics = len(new)
+    if not final:
+        return result
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = 0
         if local.list_artifacts(info.run_id):
             path = mlflow.artifacts.download_artifacts(
                 run_id=info.run_id, dst_path=tmp, tracking_uri=local_uri
             )
-            files = sum(len(f) for _, _, f in os.walk(path))
+            result.artifacts = sum(len(f) for _, _, f in os.walk(path))
             server.log_artifacts(target, path)
-    models = _sync_models(local, server, local_uri, server_uri, run, server_run)
-
+    result.models = _sync_models(local, server, run, target)
     server.set_terminated(target, status=info.status, end_time=info.end_time)
     local.set_tag(info.run_id, SYNCED_TO, f"{server_uri} {target}")
-    return SyncResult(info.run_id, target, len(params), len(metrics), files, models)
+    return result
 
 
-def _sync_models(local, server, local_uri, server_uri, run, server_run) -> int:
+def _server_id(local_uri: str, server_uri: str, run_id: str) -> str | None:
+    """The server run of a local run, made (and sent what it has) if it has none yet."""
+    run = MlflowClient(local_uri).get_run(run_id)
+    there = run.data.tags.get(FALLBACK_FOR)
+    if there:
+        return there
+    return sync(local_uri, server_uri, run, final=False).server_run_id
+
+
+def _sync_models(local, server, run, server_run_id: str) -> int:
     """The run's logged models (MLflow 3 keeps them apart from the run's artifacts), made again
     on the server with ``source_run_id`` = the server run, so ``runs:/<id>/<name>`` resolves."""
     local_models = [
@@ -386,11 +325,11 @@ def _sync_models(local, server, local_uri, server_uri, run, server_run) -> int:
         for m in local.search_logged_models(experiment_ids=[run.info.experiment_id])
         if m.source_run_id == run.info.run_id
     ]
-    exp_id = server_run.info.experiment_id
+    exp_id = server.get_run(server_run_id).info.experiment_id
     done = {
         m.tags.get(SYNCED_MODEL)
         for m in server.search_logged_models(experiment_ids=[exp_id])
-        if m.source_run_id == server_run.info.run_id
+        if m.source_run_id == server_run_id
     }
     count = 0
     for model in local_models:
@@ -399,7 +338,7 @@ def _sync_models(local, server, local_uri, server_uri, run, server_run) -> int:
         made = server.create_logged_model(
             exp_id,
             name=model.name,
-            source_run_id=server_run.info.run_id,
+            source_run_id=server_run_id,
             tags={**model.tags, SYNCED_MODEL: model.model_id},
             params=model.params,
             model_type=model.model_type,
@@ -414,12 +353,30 @@ def _sync_models(local, server, local_uri, server_uri, run, server_run) -> int:
             spec = path / "MLmodel"
             if spec.is_file():  # the copy names its own run and model
                 doc = yaml.safe_load(spec.read_text())
-                doc["run_id"], doc["model_id"] = server_run.info.run_id, made.model_id
+                doc["run_id"], doc["model_id"] = server_run_id, made.model_id
                 spec.write_text(yaml.safe_dump(doc, sort_keys=False))
             server.log_model_artifacts(made.model_id, str(path))
         server.finalize_logged_model(made.model_id, LoggedModelStatus.READY)
+        _register(local, server, model.model_id, made.model_id, server_run_id)
         count += 1
     return count
+
+
+def _register(local, server, local_model: str, server_model: str, server_run: str) -> None:
+    """The registry versions a local model has (``registered_model_name``), made on the server
+    for the model made there."""
+    for version in local.search_model_versions(f"run_id = '{_run_of(local, local_model)}'"):
+        if getattr(version, "model_id", None) != local_model:
+            continue
+        if not server.search_registered_models(f"name = '{version.name}'"):
+            server.create_registered_model(version.name)
+        server.create_model_version(
+            version.name, f"models:/{server_model}", run_id=server_run, model_id=server_model
+        )
+
+
+def _run_of(client, model_id: str) -> str:
+    return client.get_logged_model(model_id).source_run_id
 
 
 @contextlib.contextmanager

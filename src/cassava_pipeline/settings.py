@@ -3,8 +3,8 @@
 from cassava_pipeline.config import LOADER_ARGS, ProjectConfigLoader
 from cassava_pipeline.hooks import (
     DistributedHooks,
-    FailoverEndHooks,
     KedroMlflowHooks,
+    MirrorEndHooks,
     NodeTimesHooks,
     ParametersHooks,
     RunLockHooks,
@@ -15,11 +15,11 @@ from cassava_pipeline.hooks import (
 CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = LOADER_ARGS
 
-# kedro-mlflow's hook is registered here, wrapped so that a tracking server that stops answering
-# moves the run to the local store instead of failing it (cassava_pipeline.fallback), not
-# through its plugin entry point. Ours complete its run (tags, interrupted runs), allow one run
-# at a time per project and environment, and disarm the failover after kedro-mlflow has ended
-# the run. Registered last, kedro-mlflow's hook is called first, as a plugin's would be.
+# kedro-mlflow's hook is registered here, not through its plugin entry point, so that under
+# torchrun rank 0 alone records the run. Ours complete its run (tags, interrupted runs), allow
+# one run at a time per project and environment, and send the whole run to the tracking server
+# it is mirrored to once kedro-mlflow has ended it (cassava_pipeline.fallback). Registered
+# last, kedro-mlflow's hook is called first, as a plugin's would be.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
 # DistributedHooks: under torchrun, the process group every rank shares from the start.
 HOOKS = (
@@ -27,7 +27,7 @@ HOOKS = (
     RunLockHooks(),
     TrackingHooks(),
     NodeTimesHooks(),
-    FailoverEndHooks(),
+    MirrorEndHooks(),
     KedroMlflowHooks(),
     ParametersHooks(),  # registered last, called first: nothing starts with bad parameters
 )

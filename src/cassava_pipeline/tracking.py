@@ -6,7 +6,7 @@ this module adds what a training loop has to log itself, while it runs:
 - :class:`EpochLogger`: train_loss, valid_loss, accuracy and lr after every epoch, at step =
   the global epoch across the three stages, so the MLflow UI draws curves while a long run is
   still going. It is picklable (it travels into Fabric's spawned processes) and never fails the
-  training: a tracking server that stops answering gets one warning and no more calls.
+  training.
 - :func:`run_tags`: git commit and dirty flag, lock file hash, torch, CUDA and device.
 - :class:`CassavaPyfunc`: the exported model as an MLflow pyfunc taking image paths or bytes.
 """
@@ -35,12 +35,7 @@ from mlflow.entities import Metric
 from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 
-from cassava_pipeline.fallback import (
-    LOCAL_TRACKING_URI,
-    active_failover,
-    environ,
-    server_answers,
-)
+from cassava_pipeline.fallback import active_mirror
 from cassava_pipeline.vision.integrity import file_sha256
 from cassava_pipeline.vision.predict import Classifier
 from cassava_pipeline.vision.provenance import versions
@@ -72,10 +67,10 @@ def active_run_id() -> str | None:
 class EpochLogger:
     """Logs a training stage's epoch rows to one MLflow run, at step ``offset + epoch``.
 
-    When the server stops answering, the main process fails the run over to the local store
-    (:mod:`cassava_pipeline.fallback`) and logs the rows there. A spawned training process
-    (``devices: N``) cannot move the run: it stops logging and the main process logs the
-    stage's epochs after it (:meth:`log_missing`).
+    The run is in the local store (:mod:`cassava_pipeline.fallback`); in the main process each
+    epoch is then pushed to the tracking server the run is mirrored to, if any. A spawned
+    training process (``devices: N``) logs to the local store too. Logging never fails the
+    training: a store that cannot be written gets one warning and no more calls.
     """
 
     tracking_uri: str
@@ -91,9 +86,6 @@ class EpochLogger:
             return None
         return cls(mlflow.get_tracking_uri(), run_id, int(offset))
 
-    def _client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking_uri)
-
     def _log(self, rows: list[dict[str, Any]]) -> None:
         if self.disabled or not rows:
             return
@@ -104,54 +96,36 @@ class EpochLogger:
             for key in EPOCH_METRICS
             if key in row and row[key] is not None and math.isfinite(float(row[key]))
         ]
-        self._follow_failover()
         try:
-            with _few_retries():
-                self._client().log_batch(self.run_id, metrics=metrics)
-            return
+            MlflowClient(tracking_uri=self.tracking_uri).log_batch(self.run_id, metrics=metrics)
         except Exception as e:
-            error = e
-        failover = active_failover()
-        outage = failover is not None and failover.run_id == self.run_id
-        if outage and not server_answers(failover.server_uri):  # not a refused request
-            failover.switch(f"{type(error).__name__}: {error}", "logging epoch metrics")
-            self._follow_failover()
-            try:
-                self._client().log_batch(self.run_id, metrics=metrics)  # the local store
-                return
-            except Exception as e:
-                error = e
-        self.disabled = True
-        if os.getpid() != self.main_pid:  # a spawned training process: the parent logs them
-            logger.info("MLflow does not answer; the main process logs this stage's epochs")
+            self.disabled = True
+            logger.warning(
+                "MLflow could not record epoch metrics in %s (%s: %s); training goes on and "
+                "saves its checkpoints, but the remaining epoch metrics of this run are not "
+                "logged",
+                self.tracking_uri,
+                type(e).__name__,
+                e,
+            )
             return
-        logger.warning(
-            "MLflow stopped answering (%s: %s); training goes on and saves its checkpoints, "
-            "but the remaining epoch metrics of this run are not logged",
-            type(error).__name__,
-            error,
-        )
-
-    def _follow_failover(self) -> None:
-        """Log where the run is now, if it moved to the local store."""
-        failover = active_failover()
-        if failover is not None and failover.failed_over and failover.run_id == self.run_id:
-            self.tracking_uri, self.run_id = LOCAL_TRACKING_URI, str(failover.local_run_id)
+        mirror = active_mirror()
+        if mirror is not None and mirror.run_id == self.run_id and os.getpid() == self.main_pid:
+            mirror.push("logging epoch metrics")
 
     def __call__(self, row: dict[str, Any]) -> None:
         self._log([row])
 
     def log_missing(self, history: pd.DataFrame) -> int:
         """Log the epochs of ``history`` the run does not have yet (a resumed or reused stage
-        trained them in an earlier run, or a spawned process could not log them); returns how
-        many. In the main process, which only a spawned copy of this logger may have given up."""
+        trained them in an earlier run); returns how many."""
         if history.empty:
             return 0
-        self._follow_failover()
         try:
-            with _few_retries():
-                history_there = self._client().get_metric_history(self.run_id, "accuracy")
-            logged = {m.step for m in history_there}
+            there = MlflowClient(tracking_uri=self.tracking_uri).get_metric_history(
+                self.run_id, "accuracy"
+            )
+            logged = {m.step for m in there}
         except Exception:
             logged = set()
         rows = [
@@ -159,14 +133,6 @@ class EpochLogger:
         ]
         self._log(rows)
         return len(rows)
-
-
-def _few_retries():
-    """MLflow retries an unreachable server for minutes; an epoch must not wait that long."""
-    return environ(_RETRY_ENV)
-
-
-_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _git(args: list[str], cwd: Path) -> str | None:

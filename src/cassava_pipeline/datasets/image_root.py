@@ -20,6 +20,11 @@ class ImageRootDataset(AbstractDataset[None, Path]):
         self._path = Path(path)
         self.metadata = metadata
 
+    @property
+    def path(self) -> Path:
+        """The folder as configured (unresolved)."""
+        return self._path
+
     def load(self) -> Path:
         return self._path.expanduser().resolve()
 

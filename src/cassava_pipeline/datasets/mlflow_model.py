@@ -18,7 +18,6 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 import cassava_pipeline
-from cassava_pipeline.fallback import guarded
 from cassava_pipeline.tracking import active_run_id
 from cassava_pipeline.vision.dist import rank
 from cassava_pipeline.vision.export import ExportedModel
@@ -60,19 +59,16 @@ class MlflowPyfuncModelDataset(AbstractDataset[ExportedModel, Any]):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.safetensors"
             path.write_bytes(data.to_bytes())
-            info = guarded(  # a server that went away: the model goes to the local store
-                lambda: mlflow.pyfunc.log_model(
-                    name=self._name,
-                    python_model=str(_PACKAGE / "mlflow_model.py"),
-                    artifacts={"model": str(path)},
-                    code_paths=[str(_PACKAGE)],
-                    registered_model_name=self._registered,
-                    pip_requirements=_requirements(),
-                    signature=signature(data.card.class_ids),
-                    input_example=input_example(),
-                    metadata={"model_card": data.card.to_json()},
-                ),
-                "logging the model",
+            info = mlflow.pyfunc.log_model(
+                name=self._name,
+                python_model=str(_PACKAGE / "mlflow_model.py"),
+                artifacts={"model": str(path)},
+                code_paths=[str(_PACKAGE)],
+                registered_model_name=self._registered,
+                pip_requirements=_requirements(),
+                signature=signature(data.card.class_ids),
+                input_example=input_example(),
+                metadata={"model_card": data.card.to_json()},
             )
         self._uri = info.model_uri
         logger.info("logged the model to MLflow as %s", self._uri)

@@ -1,10 +1,8 @@
-"""Datasets that also log to the active MLflow run, through the tracking failover.
+"""A file dataset whose file is also an artifact of the active MLflow run.
 
-kedro-mlflow's ``MlflowArtifactDataset`` and ``MlflowMetricsHistoryDataset`` fail the node
-when the tracking server stops answering during their upload: the file is written, the run is
-lost. These do the same work, but their MLflow calls go through
-:func:`cassava_pipeline.fallback.guarded`: if the server is gone, the run moves to the local
-store and the call is made again there.
+kedro-mlflow's ``MlflowArtifactDataset`` subclasses the dataset it wraps at run time and calls
+its save through Kedro's wrapper, which the atomic datasets (:mod:`.atomic`) replace; this one
+holds the file dataset and logs its file after the save, the same work in plain composition.
 """
 
 from __future__ import annotations
@@ -14,9 +12,6 @@ from typing import Any
 
 import mlflow
 from kedro.io import AbstractDataset, DatasetError
-from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset as _MetricsHistory
-
-from cassava_pipeline.fallback import guarded
 
 
 class MlflowArtifactDataset(AbstractDataset[Any, Any]):
@@ -49,19 +44,10 @@ class MlflowArtifactDataset(AbstractDataset[Any, Any]):
         self._dataset.save(data)
         if not self._logging_activated or mlflow.active_run() is None:
             return
-        path = self._local_path()
-        guarded(lambda: mlflow.log_artifact(str(path), self._artifact_path), f"logging {path.name}")
+        mlflow.log_artifact(str(self._local_path()), self._artifact_path)
 
     def _exists(self) -> bool:
         return self._dataset.exists()
 
     def _describe(self) -> dict[str, Any]:
         return {"dataset": self._dataset._describe(), "artifact_path": self._artifact_path}
-
-
-class MlflowMetricsHistoryDataset(_MetricsHistory):
-    """kedro-mlflow's metrics dataset (named after its catalog entry, step histories), logged
-    through the failover."""
-
-    def _save(self, data: Any) -> None:
-        guarded(lambda: super(MlflowMetricsHistoryDataset, self)._save(data), "logging metrics")

@@ -1,0 +1,32 @@
+"""The project's Kedro hooks (registered in ``settings.py``).
+
+- :mod:`.run`: one ``kedro run`` at a time per project and environment, the process group
+  under torchrun, every parameter checked before anything runs, each node's time;
+- :mod:`.mlflow_run`: kedro-mlflow's run completed: provenance tags, the data inputs, runs
+  interrupted by a signal or left RUNNING by a dead process, and the run's mirror on a tracking
+  server (:mod:`cassava_pipeline.fallback`).
+"""
+
+from cassava_pipeline.hooks.mlflow_run import (
+    KedroMlflowHooks,
+    MirrorEndHooks,
+    TrackingHooks,
+    mark_dead_runs_killed,
+)
+from cassava_pipeline.hooks.run import (
+    DistributedHooks,
+    NodeTimesHooks,
+    ParametersHooks,
+    RunLockHooks,
+)
+
+__all__ = [
+    "DistributedHooks",
+    "KedroMlflowHooks",
+    "MirrorEndHooks",
+    "NodeTimesHooks",
+    "ParametersHooks",
+    "RunLockHooks",
+    "TrackingHooks",
+    "mark_dead_runs_killed",
+]
