@@ -2,13 +2,14 @@
 
 - :mod:`.run`: one ``kedro run`` at a time per project and environment, the process group
   under torchrun, every parameter checked before anything runs, each node's time;
+- :mod:`.kedro_mlflow`: kedro-mlflow's own hook, on rank 0 only under torchrun;
 - :mod:`.mlflow_run`: kedro-mlflow's run completed: provenance tags, the data inputs, runs
   interrupted by a signal or left RUNNING by a dead process, and the run's mirror on a tracking
   server (:mod:`cassava_pipeline.fallback`).
 """
 
+from cassava_pipeline.hooks.kedro_mlflow import KedroMlflowHooks
 from cassava_pipeline.hooks.mlflow_run import (
-    KedroMlflowHooks,
     MirrorEndHooks,
     TrackingHooks,
     mark_dead_runs_killed,
