@@ -177,7 +177,7 @@ def _reason(error: BaseException) -> str:
 
 
 def pending(local_uri: str = LOCAL_TRACKING_URI, server_uri: str | None = None) -> list[Any]:
-    """Local runs that fell back (from ``server_uri``, or any server) and were not sent back."""
+    """Local runs for a server (``server_uri``, or any) not yet sent to it whole, and ended."""
     db = _sqlite_file(local_uri)
     if db is not None and not db.is_file():
         return []
@@ -415,10 +415,10 @@ def environ(values: dict[str, str]) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cassava_pipeline.fallback",
-        description="Send runs recorded locally while the tracking server was away back to it.",
+        description="Send the tracking server the local runs it did not get whole (it was away).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sync", help="copy every pending fallback run into the server")
+    s = sub.add_parser("sync", help="send every waiting local run to the server")
     s.add_argument("--env", default="local", help="Kedro environment whose mlflow.yml names it")
     s.add_argument("--to", help="the server (default: the environment's mlflow_tracking_uri)")
     s.add_argument("--local", default=LOCAL_TRACKING_URI, help="the local fallback store")
