@@ -117,6 +117,45 @@ def test_a_server_that_does_not_answer_is_warned_of_once_and_never_called_again(
     assert not server_answers(DEAD, timeout=1)
 
 
+def test_a_server_that_answers_but_refuses_is_said_so(stores, caplog, monkeypatch):
+    """A server whose /health answers and whose API turns every call down (credentials,
+    permissions): one warning that says refused, and the run waits for sync as for an outage."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 403)
+            self.end_headers()
+            self.wfile.write(
+                b"OK" if self.path == "/health" else b'{"error_code": "PERMISSION_DENIED"}'
+            )
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    local_uri, _, local, _, rid = stores
+    log = logging.getLogger("cassava_pipeline.fallback")
+    monkeypatch.setattr(log, "handlers", [caplog.handler])
+    monkeypatch.setattr(log, "propagate", False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        mirror = Mirror(uri, rid, local_uri=local_uri)
+        with caplog.at_level(logging.WARNING):
+            assert not mirror.push("the start")
+            assert not mirror.push("node frozen")
+    finally:
+        server.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "refused the run's records" in warnings[0] and "credentials" in warnings[0]
+    assert local.get_run(rid).data.tags[FALLBACK_WHERE] == "the start"
+
+
 def test_sync_command_without_a_server(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
     monkeypatch.chdir(tmp_path)

@@ -119,23 +119,27 @@ class Mirror:
                     sync(self.local_uri, self.server_uri, parent, final=done)
             return True
         except Exception as e:
-            self.give_up(_reason(e), where)
+            refused = server_answers(self.server_uri)  # it answers: it turned the call down
+            self.give_up(_reason(e), where, refused=refused)
             return False
 
-    def give_up(self, reason: str, where: str) -> None:
+    def give_up(self, reason: str, where: str, *, refused: bool = False) -> None:
         """Stop calling the server for this run: one warning, and the run waits for sync."""
         self.gone = reason
         with contextlib.suppress(Exception):
             MlflowClient(self.local_uri).set_tag(self.run_id, FALLBACK_WHERE, where)
+        what = "refused the run's records" if refused else "stopped answering"
         logger.warning(
-            "The MLflow tracking server %s stopped answering (%s) at %s. The run goes on: "
-            "checkpoints and outputs are written as usual, and the run is recorded whole in the "
-            "local store %s, run %s. Send it to the server once it answers again: %s",
+            "The MLflow tracking server %s %s (%s) at %s. The run goes on: checkpoints and "
+            "outputs are written as usual, and the run is recorded whole in the local store %s, "
+            "run %s. Send it to the server once it %s: %s",
             self.server_uri,
+            what,
             reason,
             where,
             self.local_uri,
             self.run_id,
+            "takes them (credentials, permissions)" if refused else "answers again",
             SYNC_COMMAND,
         )
 
