@@ -451,9 +451,8 @@ class Trainer:
             compile=cfg.compile,
         )
         files = ResumeFiles(checkpoint_dir, cfg.name, self.keep) if checkpoint_dir else None
-        state = self._resume(files, fp, step)
         best = BestEpoch(cfg.monitor)
-        best.load_state_dict(state)
+        state = self._resume(files, fp, step, best)
         smooth = SmoothLoss()  # fastai's running train loss carries across epochs
         smooth.avg, smooth.count = float(state["smooth"][0]), int(state["smooth"][1])
         if state["epoch"] == 0 and cfg.validate_before:
@@ -474,13 +473,13 @@ class Trainer:
             }
             state["history"].append(row)
             best.update(row, unwrap_model(step.model))
-            state.update(best.state_dict(), epoch=epoch + 1)
-            state["smooth"] = [float(smooth.avg), smooth.count]
+            state["epoch"], state["smooth"] = epoch + 1, [float(smooth.avg), smooth.count]
             if f.is_global_zero:
                 logger.info("%s: %s", cfg.name, _row(row))
                 if files is not None:
+                    loop = {**state, **best.state_dict()}
                     raw = unwrap_model(step.model)
-                    files.save(snapshot(state, fp, raw, step.opt, step.sched, step.gens))
+                    files.save(snapshot(loop, fp, raw, step.opt, step.sched, step.gens))
                 if on_epoch is not None:
                     on_epoch(row)
             f.barrier()
@@ -540,17 +539,13 @@ class Trainer:
             grad_accum=grad_accum,
         )
 
-    def _resume(self, files: ResumeFiles | None, fp: dict[str, Any], step: _Step) -> dict:
-        """The loop's state: a resume file's from the same inputs (restored into ``step``), or
-        a fresh one."""
+    def _resume(
+        self, files: ResumeFiles | None, fp: dict[str, Any], step: _Step, best: BestEpoch
+    ) -> dict:
+        """The loop's state: a resume file's from the same inputs (restored into ``step`` and
+        ``best``), or a fresh one."""
         f, name = self.fabric, step.cfg.name
-        state = {
-            "epoch": 0,
-            "history": [],
-            **BestEpoch(step.cfg.monitor).state_dict(),
-            "smooth": [0.0, 0],
-            "start_metrics": {},
-        }
+        state = {"epoch": 0, "history": [], "smooth": [0.0, 0], "start_metrics": {}}
         found = files.find(f, fp) if files is not None else None
         if found is None:
             return state
@@ -558,6 +553,7 @@ class Trainer:
         reason = explain(saved.get("fingerprint"), fp)
         if reason is None:
             restore(saved, unwrap_model(step.model), step.opt, step.sched, step.gens)
+            best.load_state_dict(saved)
             state = {k: saved[k] for k in state}
             done = "finished; reusing it" if state["epoch"] >= step.cfg.epochs else "resuming"
             logger.info(
