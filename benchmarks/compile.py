@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
 from cassava_pipeline.vision.learner import StageConfig
 from train import model_step  # benchmarks/train.py: the same step it times as "model alone"
@@ -33,7 +32,7 @@ def main() -> None:
         name="probe",
         epochs=1,
         lr=1e-4,
-        augment=AugmentOptions(size=args.size),
+        size=args.size,
         loader=LoaderOptions(batch_size=args.batch_size),
     )
     cpu = torch.device("cpu")

@@ -184,7 +184,8 @@ def stages(plan: Plan) -> list[StageConfig]:
             epochs=plan.epochs,
             lr=lr,
             freeze=freeze_,
-            augment=AugmentOptions(size=size, min_scale=0.75),
+            size=size,
+            augment=AugmentOptions(min_scale=0.75),
             loader=LoaderOptions(batch_size=batch, num_workers=workers),
             mixup=mixup,
         )
@@ -203,7 +204,7 @@ def model_step(arch, n_classes, cfg: StageConfig, device, bf16: bool, compile_: 
     model, _ = create_model(arch, n_classes, "none")
     (freeze if cfg.freeze else unfreeze)(model)
     model.to(device).train()
-    x = torch.randn(cfg.loader.batch_size, 3, cfg.augment.size, cfg.augment.size, device=device)
+    x = torch.randn(cfg.loader.batch_size, 3, cfg.size, cfg.size, device=device)
     y = torch.randint(0, n_classes, (cfg.loader.batch_size,), device=device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -224,7 +225,7 @@ def model_step(arch, n_classes, cfg: StageConfig, device, bf16: bool, compile_: 
 def augmented_step(arch, n_classes, cfg: StageConfig, device, bf16: bool, presize: int, stats):
     """:func:`model_step` with the batch augmentation of a fixed uint8 batch of presized crops
     in front: what the loop does on the device, without the loader."""
-    augment = BatchAugment(cfg.augment, stats.mean, stats.std)
+    augment = BatchAugment(cfg.augmentation, stats.mean, stats.std)
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (cfg.loader.batch_size, 3, presize, presize)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
@@ -296,7 +297,7 @@ def loader_rate(trainer: Trainer, train: ShardedImages, cfg: StageConfig, stats)
     second epoch (the first pays for starting the worker processes)."""
     f = trainer.fabric
     loader, _ = trainer.loaders(train, train, cfg)
-    augment = BatchAugment(cfg.augment, stats.mean, stats.std)
+    augment = BatchAugment(cfg.augmentation, stats.mean, stats.std)
     gen = torch.Generator(device=f.device).manual_seed(0)
     rate = 0.0
     for epoch in range(2):
@@ -326,7 +327,7 @@ def check_stage(cfg, shards, checkpoint, runtime, plan, results) -> dict[str, An
     device = fabric.device
     bf16 = runtime.precision.startswith("bf16")
     train, valid = shards.split()
-    out: dict[str, Any] = {"size": cfg.augment.size, "batch": cfg.loader.batch_size}
+    out: dict[str, Any] = {"size": cfg.size, "batch": cfg.loader.batch_size}
     out["train images"], out["valid images"] = len(train), len(valid)
 
     reset_peak(device)

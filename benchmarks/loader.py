@@ -42,7 +42,6 @@ from cassava_pipeline.vision.layouts import FolderLayout
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig, Trainer
 from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions, write_shards
 from cassava_pipeline.vision.run import make_fabric
-from cassava_pipeline.vision.schedule import OneCycle
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.split import SplitOptions, split
 from fastai_compare import prepare_data
@@ -79,15 +78,15 @@ def ours(
         epochs=1,
         lr=1e-3,
         freeze=False,
-        augment=AugmentOptions(size=size, min_scale=0.75),
-        cycle=OneCycle(),
+        size=size,
+        augment=AugmentOptions(min_scale=0.75),
         loader=LoaderOptions(batch_size=batch_size, num_workers=workers),
     )
     fabric = make_fabric(RuntimeConfig(accelerator="cpu", progress=False))
     stats = type("Stats", (), {"mean": MEAN, "std": STD})()
     trainer = Trainer(fabric, torch.nn.Identity(), stats, progress=False)
     loader, _ = trainer.loaders(train, train, cfg)
-    aug = BatchAugment(cfg.augment, MEAN, STD)
+    aug = BatchAugment(cfg.augmentation, MEAN, STD)
     gen = torch.Generator().manual_seed(0)
     n = 0
     t = time.perf_counter()

@@ -13,6 +13,7 @@ the bare one and this commit's time against ``--before``'s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import io
 import subprocess
@@ -48,10 +49,16 @@ def vision_of(rev: str, into: Path):
     return importlib.import_module(f"{name}.learner"), importlib.import_module(f"{name}.augment")
 
 
-def stage(learner, augment, data, schedule):
+def stage(learner, augment, data):
+    """The same stage for either loop (before 2026-12: the size inside ``augment``)."""
+    names = {f.name for f in dataclasses.fields(learner.StageConfig)}
+    sized = (
+        {"size": 128, "augment": augment.AugmentOptions(min_scale=0.75)}
+        if "size" in names
+        else {"augment": augment.AugmentOptions(size=128, min_scale=0.75)}
+    )
     return learner.StageConfig(
-        name="bench", epochs=1, lr=(1e-5, 1e-3), freeze=False,
-        augment=augment.AugmentOptions(size=128, min_scale=0.75), cycle=schedule.OneCycle(),
+        name="bench", epochs=1, lr=(1e-5, 1e-3), freeze=False, **sized,
         loader=data.LoaderOptions(batch_size=32, num_workers=0),
     )  # fmt: skip
 
@@ -62,7 +69,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     tune_malloc()
-    from cassava_pipeline.vision import augment, data, learner, schedule
+    from cassava_pipeline.vision import augment, data, learner
 
     print(
         f"# loop versions, {time.strftime('%Y-%m-%d %H:%M')} UTC, {torch.get_num_threads()} "
@@ -73,13 +80,9 @@ def main() -> None:
         old_learner, old_augment = vision_of(args.before, Path(tmp))
         old_pkg = old_learner.__name__.rpartition(".")[0]
         old_data = importlib.import_module(f"{old_pkg}.data")
-        old_schedule = importlib.import_module(f"{old_pkg}.schedule")
         configs = {
-            "this": (learner.Trainer, stage(learner, augment, data, schedule)),
-            "before": (
-                old_learner.Trainer,
-                stage(old_learner, old_augment, old_data, old_schedule),
-            ),
+            "this": (learner.Trainer, stage(learner, augment, data)),
+            "before": (old_learner.Trainer, stage(old_learner, old_augment, old_data)),
         }
         shards = bench.shards_for(Path(tmp), 160)
         train, valid = shards.split()

@@ -48,7 +48,7 @@ from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig, Trainer,
 from cassava_pipeline.vision.models import create_model, param_groups, unfreeze
 from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions, write_shards
 from cassava_pipeline.vision.run import make_fabric
-from cassava_pipeline.vision.schedule import OneCycle, OneCycleScheduler, discriminative_lrs
+from cassava_pipeline.vision.schedule import OneCycleScheduler, discriminative_lrs
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.split import SplitOptions, split
 
@@ -92,8 +92,8 @@ def bare(model, stats, train, cfg, fabric, bf16: bool) -> float:
     opt = make_optimizer(model, lrs, cfg)
     trainer = Trainer(fabric, model, stats, progress=False)
     loader, _ = trainer.loaders(train, train, cfg)
-    sched = OneCycleScheduler(opt, cfg.epochs * len(loader), cfg.cycle)
-    augment = BatchAugment(cfg.augment, stats.mean, stats.std)
+    sched = OneCycleScheduler(opt, cfg.epochs * len(loader), cfg.one_cycle)
+    augment = BatchAugment(cfg.augmentation, stats.mean, stats.std)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model.train()
@@ -116,7 +116,7 @@ def bare(model, stats, train, cfg, fabric, bf16: bool) -> float:
 def loader_alone(train, cfg, fabric, stats, with_augment: bool) -> tuple[float, int]:
     trainer = Trainer(fabric, torch.nn.Identity(), stats, progress=False)
     loader, _ = trainer.loaders(train, train, cfg)
-    augment = BatchAugment(cfg.augment, stats.mean, stats.std)
+    augment = BatchAugment(cfg.augmentation, stats.mean, stats.std)
     gen = torch.Generator(device=fabric.device).manual_seed(0)
     n = 0
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def model_step(arch, n_classes, cfg, device, *, channels_last: bool, bf16: bool,
     torch.manual_seed(0)
     model, _ = create_model(arch, n_classes, "none")
     model.to(device).train()
-    x = torch.randn(cfg.loader.batch_size, 3, cfg.augment.size, cfg.augment.size, device=device)
+    x = torch.randn(cfg.loader.batch_size, 3, cfg.size, cfg.size, device=device)
     y = torch.randint(0, n_classes, (cfg.loader.batch_size,), device=device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -187,8 +187,8 @@ def main() -> None:
         epochs=1,
         lr=(1e-5, 1e-3),
         freeze=False,
-        augment=AugmentOptions(size=args.size, min_scale=0.75),
-        cycle=OneCycle(),
+        size=args.size,
+        augment=AugmentOptions(min_scale=0.75),
         loader=LoaderOptions(batch_size=args.batch_size, num_workers=args.workers),
     )
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"

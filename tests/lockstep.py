@@ -36,7 +36,6 @@ CLASSES = ("blue", "green", "red")
 SIZE = 32
 BATCH = 6
 AUG_OFF = AugmentOptions(
-    size=SIZE,
     min_scale=1.0,
     do_flip=False,
     max_rotate=0.0,
@@ -50,6 +49,7 @@ AUG_OFF = AugmentOptions(
 F64 = RuntimeConfig(accelerator="cpu", precision="64-true", progress=False)
 _COMMON = dict(
     epochs=2,
+    size=SIZE,
     augment=AUG_OFF,
     loader=LoaderOptions(batch_size=BATCH, num_workers=0),
     label_smoothing=0.1,

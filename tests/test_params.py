@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import fields
 
 import pytest
 
@@ -13,7 +12,7 @@ from cassava_pipeline.config import LOADER_ARGS, ProjectConfigLoader
 from cassava_pipeline.params import ParameterError, check_parameters
 from cassava_pipeline.vision.augment import AugmentOptions
 from cassava_pipeline.vision.data import LoaderOptions
-from cassava_pipeline.vision.layouts import CsvLayout, FolderLayout, RegexLayout
+from cassava_pipeline.vision.layouts import CsvLayout, RegexLayout
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
 from cassava_pipeline.vision.presize import PresizeOptions
 from cassava_pipeline.vision.schedule import LrFindOptions, OneCycle
@@ -33,26 +32,39 @@ def test_every_environments_parameters_pass(env):
     assert checked.frozen.train.lr == "auto" and checked.data.raw is None
 
 
-def _names(cls) -> set[str]:
-    return {f.name for f in fields(cls)}
+def test_the_checked_blocks_are_the_objects_the_nodes_hand_to_vision():
+    """One description per parameter: the YAML's blocks validate into ``vision``'s own
+    dataclasses (no schema beside them), with the stage's size given to its augmentation."""
+    raw = _params()
+    checked = check_parameters(raw)
+    stage = checked.unfrozen.train
+    assert isinstance(stage, StageConfig) and isinstance(stage.augment, AugmentOptions)
+    assert isinstance(stage.one_cycle, OneCycle) and isinstance(stage.loader, LoaderOptions)
+    assert stage.lr == [1e-5, 1e-3] and stage.size == 160 and stage.augmentation.size == 160
+    assert stage.one_cycle.moms == (0.95, 0.85, 0.95)
+    assert isinstance(checked.runtime, RuntimeConfig) and isinstance(checked.tta, TtaOptions)
+    assert isinstance(checked.small.presize, PresizeOptions)
+    assert isinstance(checked.lr_find, LrFindOptions) and checked.lr_find.always is False
+    assert isinstance(checked.split, SplitOptions)
+    assert isinstance(checked.ingest.chosen_layout, CsvLayout)
+    assert checked.ingest.report_path == "data/08_reporting/data_report.json"
+    assert schema.parse(StageConfig, raw["unfrozen"]["train"]) == stage  # what the node gets
 
 
-def test_each_block_has_the_keys_of_the_dataclass_it_becomes():
-    assert set(schema.AugmentParams.model_fields) == _names(AugmentOptions) - {"size"}
-    assert set(schema.LoaderParams.model_fields) == _names(LoaderOptions)
-    assert set(schema.PresizeParams.model_fields) == _names(PresizeOptions)
-    assert set(schema.TtaParams.model_fields) == _names(TtaOptions)
-    assert set(schema.LrFindParams.model_fields) == _names(LrFindOptions) | {"always"}
-    assert set(schema.SplitParams.model_fields) == _names(SplitOptions)
-    assert set(schema.OneCycleParams.model_fields) == _names(OneCycle)
-    assert set(schema.RuntimeParams.model_fields) == _names(RuntimeConfig)
-    assert set(schema.CsvLayoutParams.model_fields) == _names(CsvLayout)
-    assert set(schema.FolderLayoutParams.model_fields) == _names(FolderLayout)
-    assert set(schema.RegexLayoutParams.model_fields) == _names(RegexLayout)
-    # a stage: StageConfig's fields, its cycle as one_cycle, its size in the stage block, and
-    # Adam's betas and eps fixed at fastai's values (not parameters)
-    stage = _names(StageConfig) - {"cycle", "betas", "eps"} | {"one_cycle", "size"}
-    assert set(schema.TrainParams.model_fields) == stage
+def test_a_dataclass_built_in_python_checks_its_choices_and_links():
+    with pytest.raises(ValueError, match=r"augment\.pad_mode is 'mirror': Input should be"):
+        AugmentOptions(pad_mode="mirror")
+    with pytest.raises(ValueError, match=r"runtime\.precision is '16-mixed': .*needs CUDA"):
+        RuntimeConfig(accelerator="cpu", precision="16-mixed")
+    with pytest.raises(ValueError, match="the output side is the stage's size"):
+        StageConfig("frozen", 1, 1e-3, augment=AugmentOptions(size=64))
+    with pytest.raises(ValueError, match=r"lr is 'fast': must be auto"):
+        StageConfig("frozen", 1, "fast")
+    assert StageConfig("frozen", 1, (1e-5, 1e-3)).lr == (1e-5, 1e-3)
+    with pytest.raises(ValueError, match="needs a group"):
+        RegexLayout(pattern=r"\d+.jpg")
+    with pytest.raises(schema.ParameterError, match=r"tta\.n|n = 0: Input should be greater"):
+        schema.parse(TtaOptions, {"n": 0})
 
 
 BAD = [  # (key, value, the line the error must hold)

@@ -84,7 +84,8 @@ def stage(epochs: int = 3, **kw) -> StageConfig:
         epochs=epochs,
         lr=kw.pop("lr", (1e-4, 1e-2)),
         freeze=kw.pop("freeze", False),
-        augment=AugmentOptions(size=32, min_scale=0.75),
+        size=32,
+        augment=AugmentOptions(min_scale=0.75),
         loader=LoaderOptions(batch_size=6, num_workers=0),
         **kw,
     )

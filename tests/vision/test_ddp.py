@@ -23,7 +23,7 @@ def _worker(fabric, *, checkpoint, shards_dir, cfg, result_path):
     flat = torch.cat([v.double().flatten() for v in result.state_dict.values()])
     every_rank = fabric.all_gather(flat)  # (world_size, n)
     _, va = trainer.loaders(train, valid, cfg)
-    metrics = trainer.validate(va, BatchAugment(cfg.augment, stats.mean, stats.std), cfg)
+    metrics = trainer.validate(va, BatchAugment(cfg.augmentation, stats.mean, stats.std), cfg)
     out = {
         "every_rank": every_rank,
         "metrics": metrics,
@@ -63,7 +63,7 @@ def test_two_processes_agree_and_gather_exact_metrics(tmp_path):
     trainer.model = single.setup(model)
     train, valid = shards.split()
     _, va = trainer.loaders(train, valid, cfg)
-    one = trainer.validate(va, BatchAugment(cfg.augment, stats.mean, stats.std), cfg)
+    one = trainer.validate(va, BatchAugment(cfg.augmentation, stats.mean, stats.std), cfg)
     assert one["accuracy"] == out["metrics"]["accuracy"]
     assert one["valid_loss"] == pytest.approx(out["metrics"]["valid_loss"], rel=1e-5)
     assert len(valid) % 2 == 1  # an odd count: no padding may be double-counted

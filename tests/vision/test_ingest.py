@@ -72,9 +72,10 @@ def test_threshold_stops_with_count_files_and_reasons(kaggle_dir: Path):
     (kaggle_dir / "train_images" / "0000.jpg").write_bytes(b"")
     _, report = ingest(kaggle_dir, CsvLayout(), SERIAL)
     assert report["excluded_fraction"] == pytest.approx(1 / 18)
-    check_exclusions(report, 0.1)  # 5.6% is within 10%
+    check_exclusions(report, IngestOptions(max_excluded_fraction=0.1))  # 5.6% is within 10%
     with pytest.raises(IngestError) as e:
-        check_exclusions(report, 0.01, report_path="data/08_reporting/gpu/data_report.json")
+        gpu = IngestOptions(report_path="data/08_reporting/gpu/data_report.json")
+        check_exclusions(report, gpu)
     msg = str(e.value)
     assert "The data report (data/08_reporting/gpu/data_report.json) lists every file" in msg
     assert "1 of 18" in msg and "5.6%" in msg

@@ -225,7 +225,7 @@ def test_lr_find_is_cached_while_its_inputs_hold(shards, tmp_path: Path, caplog,
         )
         # what the sweep does not read (SWEEP_UNUSED) changes nothing: reused
         unread = stage(
-            epochs=7, monitor="valid_loss", mixup=0.4, grad_accum=2, cycle=OneCycle(div=5)
+            epochs=7, monitor="valid_loss", mixup=0.4, grad_accum=2, one_cycle=OneCycle(div=5)
         )
         reused = lr_find_in_fabric(
             initial_checkpoint(), shards, unread, options, CPU, cache_dir=tmp_path
@@ -474,5 +474,5 @@ def test_carried_adamw_state_is_loaded_exactly_with_this_stages_hyperparameters(
     other = torch.optim.AdamW(torch.nn.Linear(4, 5).parameters())
     assert carried_state({"freeze": False, "state": saved}, cfg, other) is None
     assert carried_state({"freeze": True, "state": saved}, cfg, after) is None
-    with pytest.raises(ValueError, match="optimizer_state must be one of fastai, reset"):
+    with pytest.raises(ValueError, match="optimizer_state is 'keep': Input should be 'fastai'"):
         stage(epochs=1, optimizer_state="keep")

@@ -60,6 +60,7 @@ from cassava_pipeline.tracking import (
     run_tags,
 )
 from cassava_pipeline.vision.dist import failure_elsewhere, launched_by_torchrun, rank
+from cassava_pipeline.vision.learner import RuntimeConfig
 from cassava_pipeline.vision.parallel import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class TrackingHooks:
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
-        self._accelerator = "auto"
+        self._accelerator = RuntimeConfig().accelerator
         self._server: str | None = None  # the tracking server mlflow.yml names
         self._gone: str | None = None  # why it is not called (it did not answer at the start)
         self._catalog: Any = None
@@ -157,8 +158,8 @@ class TrackingHooks:
         mlflow.enable_system_metrics_logging()  # CPU, memory, disk, GPU: the run's system tab
         try:
             self._accelerator = str(loader["parameters"]["runtime"]["accelerator"])
-        except (KeyError, TypeError):
-            self._accelerator = "auto"
+        except (KeyError, TypeError):  # parameters of another shape (tests)
+            self._accelerator = RuntimeConfig().accelerator
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

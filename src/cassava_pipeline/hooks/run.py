@@ -89,9 +89,9 @@ class RunLockHooks:
 
 
 class ParametersHooks:
-    """Every parameter checked against the schema (:mod:`cassava_pipeline.params`) as soon as the
-    Kedro context exists: before MLflow, the run lock or any node, so that a bad value stops the
-    run at once with every problem named."""
+    """Every parameter checked against the dataclasses the nodes use
+    (:mod:`cassava_pipeline.params`) as soon as the Kedro context exists: before MLflow, the run
+    lock or any node, so that a bad value stops the run at once with every problem named."""
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:

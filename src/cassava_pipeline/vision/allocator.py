@@ -30,6 +30,8 @@ import ctypes.util
 import functools
 import logging
 import platform
+import typing
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ SETTINGS = {
     "M_TOP_PAD": (M_TOP_PAD, 256 * 1024 * 1024),
 }
 
-MODES = ("tuned", "default")
-DEFAULT_MODE = "tuned"  # runtime.malloc when a parameter file leaves it out
+Mode = Literal["tuned", "default"]  # runtime.malloc (RuntimeConfig)
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 @functools.cache
@@ -69,7 +71,7 @@ def tune_malloc() -> dict[str, int]:
     return applied
 
 
-def apply(mode: str) -> dict[str, int]:
+def apply(mode: Mode) -> dict[str, int]:
     """``runtime.malloc``: ``tuned`` applies :func:`tune_malloc`, ``default`` leaves glibc as
     it is. Returns the settings in effect from this call (empty for ``default``)."""
     if mode not in MODES:

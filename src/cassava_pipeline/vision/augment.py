@@ -38,37 +38,57 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Le
+
+from .options import (
+    STRICT,
+    Fraction,
+    NonNegativeFloat,
+    OpenFraction,
+    OptionError,
+    PositiveFloat,
+    Side,
+    check_choices,
+)
 
 
 @dataclass(frozen=True)
 class AugmentOptions:
     """fastai's ``aug_transforms`` arguments, with its defaults."""
 
-    size: int = 224  # output side (square)
-    min_scale: float = 1.0  # fastai's default; the seeds use 0.75 (set in the parameters)
-    crop: str = "batch"  # fastai's RandomResizedCropGPU: one crop per batch; "sample": per image
-    resample: str = "twice"  # fastai's: affine at the input's size, then crop + resize; or "once"
+    __pydantic_config__ = STRICT
+
+    # output side (square); a training stage sets it from its own ``size`` (StageConfig)
+    size: Side | None = None
+    min_scale: Annotated[float, Gt(0.0), Le(1.0)] = 1.0  # fastai's; the seeds use 0.75
+    crop: Literal["batch", "sample"] = "batch"  # fastai's RandomResizedCropGPU: one per batch
+    resample: Literal["once", "twice"] = "twice"  # fastai's: affine, then crop + resize
     do_flip: bool = True
-    max_rotate: float = 10.0  # degrees
-    min_zoom: float = 1.0
-    max_zoom: float = 1.1
-    max_warp: float = 0.2
-    p_affine: float = 0.75
-    max_lighting: float = 0.2
-    p_lighting: float = 0.75
-    p_flip: float = 0.5  # fastai's Flip(p=0.5)
-    mult: float = 1.0  # scales max_rotate, max_lighting and max_warp
-    pad_mode: str = "reflection"
+    max_rotate: NonNegativeFloat = 10.0  # degrees
+    min_zoom: PositiveFloat = 1.0
+    max_zoom: PositiveFloat = 1.1
+    max_warp: OpenFraction = 0.2
+    p_affine: Fraction = 0.75
+    max_lighting: OpenFraction = 0.2
+    p_lighting: Fraction = 0.75
+    p_flip: Fraction = 0.5  # fastai's Flip(p=0.5)
+    mult: NonNegativeFloat = 1.0  # scales max_rotate, max_lighting and max_warp
+    pad_mode: Literal["reflection", "zeros", "border"] = "reflection"
     align_corners: bool = True
 
     def __post_init__(self) -> None:
-        if self.crop not in ("batch", "sample"):
-            raise ValueError(f"augment.crop is {self.crop!r}: use batch (fastai's) or sample")
-        if self.resample not in ("once", "twice"):
-            raise ValueError(f"augment.resample is {self.resample!r}: use once or twice (fastai's)")
+        check_choices(self, "augment")
+        if self.max_zoom < self.min_zoom:
+            raise OptionError(
+                "max_zoom",
+                self.max_zoom,
+                f"max_zoom ({self.max_zoom}) is below min_zoom ({self.min_zoom})",
+                "augment",
+            )
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> torch.Tensor:
@@ -329,6 +349,8 @@ class BatchAugment:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
     ):
+        if opts.size is None:
+            raise ValueError("augment.size is not set: the output side (a stage sets its size)")
         self.opts = opts
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .options import STRICT, NonNegativeInt, PositiveInt
 from .shards import ShardedImages
 
 
@@ -103,11 +104,13 @@ def collate_nhwc(batch: Sequence[tuple[np.ndarray, int]]) -> tuple[torch.Tensor,
 class LoaderOptions:
     """DataLoader settings."""
 
-    batch_size: int = 64  # fastai's default bs
-    num_workers: int = 0  # 0: load in the training process
+    __pydantic_config__ = STRICT
+
+    batch_size: PositiveInt = 64  # fastai's default bs
+    num_workers: NonNegativeInt = 0  # 0: load in the training process
     pin_memory: bool = True  # only used with CUDA
     persistent_workers: bool = True
-    prefetch_factor: int = 2
+    prefetch_factor: PositiveInt = 2
 
 
 def make_loader(

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, inspect_image, read_bytes
-from .layouts import Layout, Listing, Rejected, list_images
+from .layouts import CsvLayout, FolderLayout, Layout, Listing, RegexLayout, Rejected, list_images
+from .options import STRICT, Fraction, NonNegativeInt, PositiveInt, check_choices
 from .parallel import chunked, ordered_map, resolve_workers
 
 MANIFEST_COLUMNS = [
@@ -36,11 +38,27 @@ class IngestError(RuntimeError):
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """How ingest verifies files."""
+    """Which layout to read, how to verify its files, and how many may be unusable."""
 
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit
-    workers: int = 0  # processes; 0 = all cores
-    chunk_size: int = 64  # files per task sent to a worker
+    __pydantic_config__ = STRICT
+
+    layout: Literal["csv", "folder", "regex"] = "csv"  # which of the three sections is read
+    csv: CsvLayout = field(default_factory=CsvLayout)
+    folder: FolderLayout = field(default_factory=FolderLayout)
+    regex: RegexLayout = field(default_factory=RegexLayout)
+    max_excluded_fraction: Fraction = 0.01  # more unusable files than this stop the run
+    max_image_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit
+    workers: NonNegativeInt = 0  # processes; 0 = all cores
+    chunk_size: PositiveInt = 64  # files per task sent to a worker
+    report_path: str = "the data report"  # how messages name the report (the pipeline: its path)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "ingest")
+
+    @property
+    def chosen_layout(self) -> Layout:
+        """The section that ``layout`` names."""
+        return {"csv": self.csv, "folder": self.folder, "regex": self.regex}[self.layout]
 
 
 def _verify_chunk(args: tuple[str, Sequence[str], int]) -> list[tuple]:
@@ -160,14 +178,10 @@ def _size_summary(manifest: pd.DataFrame) -> dict:
     }
 
 
-def check_exclusions(
-    report: dict,
-    max_excluded_fraction: float,
-    *,
-    show: int = 10,
-    report_path: str = "the data report",
-) -> None:
-    """Raise :class:`IngestError` when more than the allowed fraction of files was excluded."""
+def check_exclusions(report: dict, options: IngestOptions, *, show: int = 10) -> None:
+    """Raise :class:`IngestError` when more than ``options.max_excluded_fraction`` of the files
+    was excluded."""
+    max_excluded_fraction, report_path = options.max_excluded_fraction, options.report_path
     if report["n_images"] == 0:
         raise IngestError(
             f"No usable image among {report['n_listed']} listed in {report['root']}. "

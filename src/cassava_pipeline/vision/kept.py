@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import remove_path
+from .options import STRICT, NonNegativeInt, PositiveFloat
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ KEPT_FOLDER = "kept"
 class KeepPolicy:
     """How many earlier results one output keeps, and how many bytes they may take."""
 
-    entries: int = 3  # earlier results kept per output; 0 keeps none (the old behaviour)
-    max_gib: float = 8.0  # all of one output's kept results together
+    __pydantic_config__ = STRICT
+
+    entries: NonNegativeInt = 3  # earlier results kept per output; 0 keeps none (the old behaviour)
+    max_gib: PositiveFloat = 8.0  # all of one output's kept results together
 
     @property
     def max_bytes(self) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .options import STRICT, OptionError
+
 CANDIDATE_COLUMNS = ["path", "label_name", "is_valid"]
 
 
@@ -52,6 +54,8 @@ class Listing:
 class CsvLayout:
     """Kaggle's layout: ``file`` lists ``image_column`` and ``label_column`` rows."""
 
+    __pydantic_config__ = STRICT
+
     file: str = "train.csv"
     image_dir: str = "train_images"
     image_column: str = "image_id"
@@ -70,6 +74,8 @@ class FolderLayout:
     like split folders without ``train/`` stop the run: they would otherwise become classes.
     """
 
+    __pydantic_config__ = STRICT
+
     train_folder: str | None = "train"  # None: one folder per class at the top, never split
     valid_folder: str = "valid"
 
@@ -84,26 +90,28 @@ TEST_NAMES = ("test", "testing", "holdout")
 class RegexLayout:
     """Every file under ``image_dir``; its class is group 1 of ``pattern`` on the file name."""
 
+    __pydantic_config__ = STRICT
+
     image_dir: str = "images"
     pattern: str = r"(.+)_\d+.jpg$"  # fastai's pets example: 'Maine_Coon_157.jpg' -> 'Maine_Coon'
 
+    def __post_init__(self) -> None:
+        try:
+            groups = re.compile(self.pattern).groups
+        except re.error as e:
+            reason = f"not a regular expression ({e})"
+            raise OptionError("pattern", self.pattern, reason, "ingest.regex") from e
+        if groups < 1:
+            reason = "needs a group, (...), that captures the class name"
+            raise OptionError("pattern", self.pattern, reason, "ingest.regex")
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        """The compiled pattern."""
+        return re.compile(self.pattern)
+
 
 Layout = CsvLayout | FolderLayout | RegexLayout
-
-
-def layout_from_params(params: dict) -> Layout:
-    """Build the layout named by ``params['layout']`` from its own section of ``params``."""
-    kinds = {"csv": CsvLayout, "folder": FolderLayout, "regex": RegexLayout}
-    name = params.get("layout")
-    if name not in kinds:
-        raise LayoutError(
-            f"ingest.layout is {name!r}; use one of {sorted(kinds)} (see parameters_ingest.yml)"
-        )
-    section = params.get(name) or {}
-    try:
-        return kinds[name](**section)
-    except TypeError as e:
-        raise LayoutError(f"ingest.{name} has an unknown key: {e}") from e
 
 
 def list_images(root: Path, layout: Layout) -> Listing:
@@ -329,12 +337,7 @@ def _list_regex(root: Path, layout: RegexLayout) -> Listing:
     folder = root / layout.image_dir
     if not folder.is_dir():
         raise LayoutError(f"{folder} does not exist; set ingest.regex.image_dir")
-    try:
-        pattern = re.compile(layout.pattern)
-    except re.error as e:
-        raise LayoutError(f"ingest.regex.pattern {layout.pattern!r} is invalid: {e}") from e
-    if pattern.groups < 1:
-        raise LayoutError(f"ingest.regex.pattern {layout.pattern!r} needs a group for the label")
+    pattern = layout.regex
     rows, rejected, ignored = [], [], []
     for f in _files(folder):
         rel = f.relative_to(root).as_posix()

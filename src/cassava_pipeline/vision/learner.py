@@ -24,9 +24,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -36,12 +36,24 @@ from timm.utils import unwrap_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocator import DEFAULT_MODE
+from .allocator import Mode
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
 from .integrity import display_path
 from .kept import KeepPolicy
 from .models import Stats, freeze, no_decay_params, param_groups, unfreeze
+from .options import (
+    STRICT,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenFraction,
+    OptionError,
+    PositiveFloat,
+    PositiveInt,
+    Side,
+    check_choices,
+)
 from .provenance import explain, fingerprint, stage_seed
 from .resume import ResumeFiles, load_sweep, restore, save_sweep, snapshot
 from .schedule import (
@@ -57,7 +69,6 @@ from .shards import ShardedImages
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_STATES = ("fastai", "reset")
 # Columns of a stage's per-epoch history, in order.
 HISTORY_COLUMNS = (
     "stage",
@@ -76,7 +87,7 @@ POSTFIX_SECONDS = 0.5  # the progress bar's loss is read (a device sync) at most
 # StageConfig fields lr_find's sweep does not read: changing them keeps its cached result.
 SWEEP_UNUSED = (
     "epochs",
-    "cycle",
+    "one_cycle",
     "monitor",
     "mixup",
     "grad_accum",
@@ -90,24 +101,27 @@ SWEEP_UNUSED = (
 class StageConfig:
     """One ``fit_one_cycle`` call of the recipe (frozen, unfrozen or mixup)."""
 
+    __pydantic_config__ = STRICT
+
     name: str
-    epochs: int
-    lr: (
-        float | tuple[float, ...]
-    )  # one rate; (low, high) spread over the groups; (high,) = slice(high)
+    epochs: NonNegativeInt  # 0: no training (the pipeline passes the checkpoint on)
+    # one rate; [low, high] spread over the groups; [high] = slice(high); auto: lr_find's
+    # suggestion, resolved before fit
+    lr: Any
     freeze: bool = True  # train the head (and BatchNorm) only
-    augment: AugmentOptions = field(default_factory=AugmentOptions)
-    cycle: OneCycle = field(default_factory=OneCycle)
+    size: Side = 224  # output side of the batch augmentation (aug_transforms(size=...))
+    augment: AugmentOptions = field(default_factory=AugmentOptions)  # its size is ``size``
+    one_cycle: OneCycle = field(default_factory=OneCycle)
     loader: LoaderOptions = field(default_factory=LoaderOptions)
-    wd: float = 0.01  # fastai's default weight decay, decoupled (AdamW)
-    betas: tuple[float, float] = (0.9, 0.99)  # fastai's Adam betas (beta1 is then cycled)
-    eps: float = 1e-5  # fastai's Adam eps
-    mixup: float = 0.0  # MixUp alpha; 0 = off
-    label_smoothing: float = 0.0  # 0 = plain cross-entropy
+    wd: NonNegativeFloat = 0.01  # fastai's default weight decay, decoupled (AdamW)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.99)  # fastai's Adam betas (beta1 is then cycled)
+    eps: PositiveFloat = 1e-5  # fastai's Adam eps
+    mixup: NonNegativeFloat = 0.0  # MixUp alpha; 0 = off
+    label_smoothing: OpenFraction = 0.0  # 0 = plain cross-entropy
     # SaveModelCallback's metric: the epoch with the best accuracy (max) or valid_loss (min)
     # is kept; last: the last epoch, as fastai's fit_one_cycle and fine_tune without the callback
-    monitor: str = "accuracy"
-    grad_accum: int = 1  # batches per optimizer step
+    monitor: Literal["accuracy", "valid_loss", "last"] = "accuracy"
+    grad_accum: PositiveInt = 1  # batches per optimizer step
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     seed: int = 42
@@ -115,29 +129,89 @@ class StageConfig:
     # AdamW's state at the start: "fastai" carries the previous stage's (its moving averages and
     # step count) when the same parameters train, as fastai's Learner keeps one optimizer and
     # clears its state only on freeze/unfreeze; "reset": a fresh optimizer every stage.
-    optimizer_state: str = "fastai"
+    optimizer_state: Literal["fastai", "reset"] = "fastai"
 
     def __post_init__(self) -> None:
-        if self.optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(
-                f"{self.name}: optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
-                f"not {self.optimizer_state!r}"
-            )
+        check_choices(self, self.name)
+        object.__setattr__(self, "lr", _rate(self.lr))
+        if self.augment.size is not None:
+            reason = "the output side is the stage's size; give it there, not in augment"
+            raise OptionError("augment", self.augment, reason, self.name)
+
+    def trained_at(self, checkpoint: dict[str, Any]) -> StageConfig:
+        """These settings at the image size ``checkpoint`` was trained at: an earlier stage's
+        when the later ones were switched off (``epochs: 0``)."""
+        return replace(self, size=int(checkpoint.get("image_size", self.size)))
+
+    @property
+    def augmentation(self) -> AugmentOptions:
+        """``aug_transforms(size=self.size, **augment)``: the stage's batch augmentation."""
+        return replace(self.augment, size=self.size)
+
+
+LR_ALLOWED = "auto, a rate > 0, [high] or [low, high] (fastai's slice)"
+
+
+def _rate(value: Any) -> float | list[float] | tuple[float, ...] | str:
+    """``auto``, one rate, or fastai's slice as ``[high]`` or ``[low, high]``, as numbers."""
+    if value == "auto":
+        return value
+    rates = value if isinstance(value, list | tuple) else [value]
+    if not 1 <= len(rates) <= 2 or not all(_positive_number(r) for r in rates):
+        raise OptionError("lr", value, f"must be {LR_ALLOWED}")
+    if not isinstance(value, list | tuple):
+        return float(value)
+    if len(rates) == 2 and float(rates[0]) > float(rates[1]):
+        raise OptionError("lr", value, f"[low, high] needs low <= high ({LR_ALLOWED})")
+    return type(value)(float(r) for r in rates)
+
+
+def _positive_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+# Lightning Fabric's names (lightning_fabric.connector); tpu/mps are valid names that fail at
+# run time where the device is absent, as Fabric reports them.
+Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
+Precision = Literal[
+    "32-true",
+    "32",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+]
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to run: Lightning Fabric's accelerator, devices, strategy and precision."""
 
-    accelerator: str = "auto"  # cpu, cuda or auto
-    devices: int = 1  # > 1: data-parallel (DDP) from inside the node
-    precision: str = "32-true"  # 32-true, bf16-mixed or 16-mixed
-    num_nodes: int = 1  # several machines: launch with torchrun (see README)
+    __pydantic_config__ = STRICT
+
+    accelerator: Accelerator = "auto"  # cpu, cuda or auto
+    devices: PositiveInt = 1  # > 1: data-parallel (DDP) from inside the node
+    precision: Precision = "32-true"  # 32-true, bf16-mixed or 16-mixed
+    num_nodes: PositiveInt = 1  # several machines: launch with torchrun (see README)
     strategy: str = "auto"  # auto: ddp when devices * num_nodes > 1
     progress: bool = True  # a batch progress bar
-    malloc: str = DEFAULT_MODE  # glibc malloc settings for CPU tensors (vision/allocator.py)
+    # glibc malloc settings for CPU tensors (vision/allocator.py)
+    malloc: Mode = "tuned"
     # earlier runs of each stage kept for reuse when their settings come back (vision/kept.py)
     keep: KeepPolicy = field(default_factory=KeepPolicy)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "runtime")
+        if self.accelerator == "cpu" and self.precision in ("16-mixed", "16-true"):
+            reason = f"precision {self.precision} needs CUDA; on a CPU use 32-true or bf16-mixed"
+            raise OptionError("precision", self.precision, reason, "runtime")
 
 
 @dataclass
@@ -433,6 +507,8 @@ class Trainer:
         fastai's Learner keeps its optimizer across ``fit_one_cycle`` calls and clears it only on
         freeze/unfreeze; otherwise AdamW starts fresh.
         """
+        if cfg.lr == "auto":
+            raise ValueError(f"{cfg.name}: lr auto is lr_find's suggestion; resolve it before fit")
         f = self.fabric
         opt = self._optimizer(cfg, cfg.lr)
         carried = carried_state(carried_optimizer, cfg, opt)
@@ -444,7 +520,7 @@ class Trainer:
         step = self._setup(
             cfg,
             opt,
-            lambda o: OneCycleScheduler(o, cfg.epochs * steps_per_epoch, cfg.cycle),
+            lambda o: OneCycleScheduler(o, cfg.epochs * steps_per_epoch, cfg.one_cycle),
             carried=carried,
             mixup=cfg.mixup,
             grad_accum=cfg.grad_accum,
@@ -529,7 +605,7 @@ class Trainer:
             forward=torch.compile(model) if compile else model,
             opt=opt,
             sched=schedule(opt),
-            augment=BatchAugment(cfg.augment, self.stats.mean, self.stats.std),
+            augment=BatchAugment(cfg.augmentation, self.stats.mean, self.stats.std),
             gens=(
                 torch.Generator(device=f.device).manual_seed(seed + 7919 * f.global_rank),
                 torch.Generator().manual_seed(seed + 104729 * f.global_rank),
@@ -671,7 +747,9 @@ class Trainer:
         :meth:`fit`, with the sweep's options) is returned instead of sweeping again, so a
         resumed run keeps its suggestion and the stages trained with it stay valid.
         """
-        fp = self.fingerprint(train, cfg, asdict(options), unused=SWEEP_UNUSED)
+        # the options the sweep reads (a subclass's own fields are not among them)
+        swept = {o.name: getattr(options, o.name) for o in fields(LrFindOptions)}
+        fp = self.fingerprint(train, cfg, swept, unused=SWEEP_UNUSED)
         if cache_file is not None:
             cached = load_sweep(cache_file, fp)
             if cached is not None:

@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from .integrity import load_tensors_file
+from .options import STRICT, NonNegativeInt, OpenFraction, OptionError
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # tf_efficientnet_lite*: mean and std 0.5
@@ -47,6 +48,40 @@ def architecture_problem(arch: str) -> str | None:
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded into the architecture; the message says why."""
+
+
+def weights_problem(arch: str, weights: str) -> str | None:
+    """Why ``weights`` cannot serve ``arch`` before anything is loaded, or None."""
+    if weights == "packaged" and arch != PACKAGED_ARCH:
+        return (
+            f"weights: packaged exist only for {PACKAGED_ARCH}, not {arch}; use imagenet "
+            "(downloaded once), none, or a file"
+        )
+    if weights not in ("imagenet", "packaged", "none") and not Path(weights).expanduser().is_file():
+        return f"weights {weights!r} is neither imagenet, packaged, none nor an existing file"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model ``create_model`` builds: the architecture, its weights and fastai's head."""
+
+    __pydantic_config__ = STRICT
+
+    arch: str = PACKAGED_ARCH  # any timm architecture, or resnet18 ... resnet152 (torchvision)
+    weights: str = "none"  # imagenet, packaged, none, or a file of tensors
+    hidden: NonNegativeInt = 512  # fastai's create_head lin_ftrs=[512]
+    ps: OpenFraction = 0.5  # fastai's head dropout
+    concat_pool: bool = True  # fastai's AdaptiveConcatPool2d
+    seed: int = 42  # the head's initialisation
+
+    def __post_init__(self) -> None:
+        problem = architecture_problem(self.arch)
+        if problem:
+            raise OptionError("arch", self.arch, problem, "model")
+        problem = weights_problem(self.arch, self.weights)
+        if problem:
+            raise OptionError("weights", self.weights, problem, "model")
 
 
 @dataclass(frozen=True)
@@ -169,15 +204,10 @@ def create_model(
     ``weights``: ``imagenet``, ``packaged``, ``none`` or the path of a state dict for the whole
     model (body and head, e.g. a checkpoint's ``model``) or for the body alone.
     """
-    path = None
-    if weights not in ("imagenet", "packaged", "none"):
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(
-                f"weights {weights!r} is neither imagenet, packaged, none nor an existing file"
-            )
-    if weights == "packaged" and arch != PACKAGED_ARCH:
-        raise WeightsError(f"weights 'packaged' exist only for {PACKAGED_ARCH}, not {arch}")
+    problem = weights_problem(arch, weights)
+    if problem:
+        raise WeightsError(problem)
+    path = None if weights in ("imagenet", "packaged", "none") else Path(weights).expanduser()
     if arch in RESNETS:
         body = _torchvision_body(arch, weights)
         stats = Stats(*IMAGENET_STATS)

@@ -30,10 +30,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from annotated_types import Ge, Le
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -45,6 +47,7 @@ from .images import (
     read_bytes,
 )
 from .integrity import DIGEST_KEY, content_sha256, file_sha256
+from .options import STRICT, NonNegativeInt, PositiveInt, Side, check_choices
 from .parallel import chunked, ordered_map, resolve_workers
 from .provenance import digest, module_digests, versions
 
@@ -54,7 +57,6 @@ SHARD_FORMAT = "cassava-pipeline/shards-v2"  # v2: content digests in meta.json
 # only when they are equal too.
 PRESIZE_MODULES = ("presize.py", "images.py")
 PRESIZE_PACKAGES = ("pillow", "numpy", "torch", "torchvision")
-ENCODINGS = ("raw", "jpeg")
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 
@@ -67,14 +69,19 @@ class PresizeError(RuntimeError):
 class PresizeOptions:
     """How to presize."""
 
-    size: int = 460  # fastai's Resize(460) in the seeds: shorter side after presizing
-    workers: int = 0  # processes; 0 = all cores
-    shard_mb: int = 1024  # a shard file is at most this large (MiB), unless one image is larger
-    chunk_size: int = 32  # images per task sent to a worker
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # same bomb limit as ingest
+    __pydantic_config__ = STRICT
+
+    size: Side = 460  # fastai's Resize(460) in the seeds: shorter side after presizing
+    workers: NonNegativeInt = 0  # processes; 0 = all cores
+    shard_mb: PositiveInt = 1024  # a shard file's limit (MiB), unless one image is larger
+    chunk_size: PositiveInt = 32  # images per task sent to a worker
+    max_image_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # same bomb limit as ingest
     jpeg_draft: bool = False  # True: JPEGs >= 2x the target decoded at 1/2, 1/4 or 1/8 scale
-    encoding: str = "raw"  # raw: uint8 pixels, no decoding when training; jpeg: ~10x smaller
-    jpeg_quality: int = 95  # for encoding: jpeg
+    encoding: Literal["raw", "jpeg"] = "raw"  # raw: uint8 pixels, no decoding; jpeg: ~10x smaller
+    jpeg_quality: Annotated[int, Ge(1), Le(100)] = 95  # for encoding: jpeg
+
+    def __post_init__(self) -> None:
+        check_choices(self, "presize")
 
 
 @dataclass(frozen=True)
@@ -420,8 +427,6 @@ def write_shards(job: PresizeJob, out_dir: Path) -> pd.DataFrame:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = job.options
-    if opts.encoding not in ENCODINGS:
-        raise ValueError(f"presize.encoding is {opts.encoding!r}; use one of {ENCODINGS}")
     index = plan_sizes(job.manifest, opts.size)
     rows = list(
         zip(

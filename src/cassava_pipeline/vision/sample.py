@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from .options import STRICT, NonNegativeInt, PositiveFloat, PositiveInt, Side
 from .parallel import ordered_map, resolve_workers
 
 # Kaggle's label_num_to_disease_map.json, verbatim.
@@ -45,11 +46,15 @@ CBB, CBSD, CGM, CMD, HEALTHY = range(5)
 class SampleOptions:
     """What to generate."""
 
-    n_images: int = 400
-    width: int = 800  # Kaggle's images are 800x600
-    height: int = 600
+    __pydantic_config__ = STRICT
+
+    n_images: PositiveInt = 400
+    width: Side = 800  # Kaggle's images are 800x600
+    height: Side = 600
     seed: int = 2020
-    class_fractions: tuple[float, ...] = KAGGLE_CLASS_FRACTIONS
+    class_fractions: tuple[PositiveFloat, ...] = KAGGLE_CLASS_FRACTIONS
+    n_test_images: NonNegativeInt = 0  # unlabeled test_images/ (Kaggle's hidden test set)
+    workers: NonNegativeInt = 0  # processes drawing images; 0 = all cores
 
 
 def class_counts(n: int, fractions: tuple[float, ...]) -> list[int]:

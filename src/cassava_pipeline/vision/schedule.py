@@ -12,9 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
+from annotated_types import Ge
+
+from .options import STRICT, Fraction, OpenFraction, OptionError, PositiveFloat
 
 
 def sched_cos(start: float, end: float, pos: float) -> float:
@@ -40,10 +44,12 @@ def combined_cos(pct: float, start: float, middle: float, end: float, pos: float
 class OneCycle:
     """fastai's ``fit_one_cycle`` hyper-parameters."""
 
-    div: float = 25.0  # start at lr_max / 25
-    div_final: float = 1e5  # end at lr_max / 1e5
-    pct_start: float = 0.25  # warm-up share of the steps
-    moms: tuple[float, float, float] = (0.95, 0.85, 0.95)  # Adam's beta1 start, middle, end
+    __pydantic_config__ = STRICT
+
+    div: PositiveFloat = 25.0  # start at lr_max / 25
+    div_final: PositiveFloat = 1e5  # end at lr_max / 1e5
+    pct_start: Fraction = 0.25  # warm-up share of the steps
+    moms: tuple[Fraction, Fraction, Fraction] = (0.95, 0.85, 0.95)  # beta1 start, middle, end
 
     def lr_factor(self, step: int, total: int) -> float:
         """Learning rate at ``step`` as a multiple of ``lr_max`` (every group scales alike)."""
@@ -100,11 +106,18 @@ def discriminative_lrs(lr: float | Sequence[float], n_groups: int) -> list[float
 class LrFindOptions:
     """fastai's ``lr_find`` defaults."""
 
-    start_lr: float = 1e-7
-    end_lr: float = 10.0
-    num_it: int = 100
+    __pydantic_config__ = STRICT
+
+    start_lr: PositiveFloat = 1e-7
+    end_lr: PositiveFloat = 10.0
+    num_it: Annotated[int, Ge(2)] = 100
     stop_div: bool = True  # stop when the smoothed loss passes 4x its best
-    beta: float = 0.98  # loss smoothing (fastai's Recorder)
+    beta: OpenFraction = 0.98  # loss smoothing (fastai's Recorder)
+
+    def __post_init__(self) -> None:
+        if self.end_lr <= self.start_lr:
+            reason = f"end_lr ({self.end_lr}) must exceed start_lr ({self.start_lr})"
+            raise OptionError("end_lr", self.end_lr, reason, "lr_find")
 
 
 def lr_at(i: int, options: LrFindOptions) -> float:

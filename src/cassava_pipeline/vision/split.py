@@ -9,9 +9,13 @@ left out altogether unless ``keep_conflicting_duplicates``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
+from annotated_types import Gt, Lt
+
+from .options import STRICT
 
 
 class SplitError(ValueError):
@@ -27,7 +31,9 @@ FEW_TRAINING_IMAGES = 5
 class SplitOptions:
     """How to split."""
 
-    valid_pct: float = 0.2  # fastai's RandomSplitter default
+    __pydantic_config__ = STRICT
+
+    valid_pct: Annotated[float, Gt(0.0), Lt(1.0)] = 0.2  # fastai's RandomSplitter default
     seed: int = 42
     use_layout_split: bool = True  # use is_val / train+valid folders when the layout has them
     # Byte-identical files with different labels: at least one label is wrong, and which one

@@ -17,6 +17,7 @@ from torch import nn
 from .augment import AugmentOptions, BatchAugment
 from .data import CroppedItems, EpochSampler, LoaderOptions, make_loader
 from .models import Stats
+from .options import STRICT, Fraction, PositiveInt
 from .shards import ShardedImages
 
 
@@ -24,8 +25,10 @@ from .shards import ShardedImages
 class TtaOptions:
     """fastai's ``Learner.tta`` arguments."""
 
-    n: int = 4  # augmented passes
-    beta: float = 0.25  # weight of the plain prediction in the blend
+    __pydantic_config__ = STRICT
+
+    n: PositiveInt = 4  # augmented passes
+    beta: Fraction = 0.25  # weight of the plain prediction in the blend
     use_max: bool = False  # maximum instead of mean (and instead of the blend)
     seed: int = 42
 

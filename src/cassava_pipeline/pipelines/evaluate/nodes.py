@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cassava_pipeline.pipelines.train.nodes import final_stage_config, stage_config
+from cassava_pipeline.validation import parse
 from cassava_pipeline.vision import allocator
 from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.interpret import (
@@ -18,7 +19,9 @@ from cassava_pipeline.vision.interpret import (
     most_confused,
     top_losses,
 )
+from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
 from cassava_pipeline.vision.metrics import classification_metrics
+from cassava_pipeline.vision.options import STRICT, NonNegativeInt, PositiveInt, check_choices
 from cassava_pipeline.vision.plots import (
     augmented_batch,
     confusion_figure,
@@ -33,6 +36,21 @@ from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions, tta
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InterpretParams:
+    """fastai's ``ClassificationInterpretation`` figures."""
+
+    __pydantic_config__ = STRICT
+
+    predictions: Literal["tta", "plain"] = "tta"  # which predictions the figures show
+    top_k: NonNegativeInt = 9  # plot_top_losses(9)
+    min_val: PositiveInt = 1  # most_confused(min_val=1)
+    show_batch: NonNegativeInt = 9  # images in the show_batch figure
+
+    def __post_init__(self) -> None:
+        check_choices(self, "interpret")
 
 
 def evaluate(
@@ -65,19 +83,20 @@ def evaluate(
             f"ones being evaluated ({differs}): its scores would not be validation scores. "
             "Train again on these shards: kedro run --pipelines=train (or dvc repro)."
         )
-    cfg = final_stage_config("evaluate", stage_params, checkpoint)
-    options = TtaOptions(**tta_params)
-    allocator.apply(runtime_params.get("malloc", allocator.DEFAULT_MODE))
+    cfg = parse(StageConfig, stage_params).trained_at(checkpoint)
+    options = parse(TtaOptions, tta_params)
+    runtime = parse(RuntimeConfig, runtime_params)
+    allocator.apply(runtime.malloc)
     model, stats = model_from_checkpoint(checkpoint)
     _, valid = presized_images.split()
     out = tta(
         model,
         valid,
         stats,
-        cfg.augment,
+        cfg.augmentation,
         cfg.loader,
         options,
-        device=inference_device(runtime_params["accelerator"]),
+        device=inference_device(runtime.accelerator),
     )
     classes = checkpoint["classes"]
     result = {
@@ -87,7 +106,7 @@ def evaluate(
         # last one with monitor: last
         "kept_epoch": checkpoint.get("best_epoch"),
         "monitor": checkpoint.get("monitor"),
-        "image_size": cfg.augment.size,
+        "image_size": cfg.size,
         "tta": {"n": options.n, "beta": options.beta, "use_max": options.use_max},
         "plain": classification_metrics(out["plain"], out["targets"], classes),
         "with_tta": classification_metrics(out["tta"], out["targets"], classes),
@@ -126,16 +145,17 @@ def interpret(
     predictions: pd.DataFrame, checkpoint: dict[str, Any], params: dict[str, Any]
 ) -> dict[str, Any]:
     """fastai's ClassificationInterpretation of the validation predictions (TTA or plain)."""
+    options = parse(InterpretParams, params)
     classes = list(checkpoint["classes"])
-    kind = str(params["predictions"])
+    kind = options.predictions
     probs = _probs(predictions, kind, len(classes))
     targets = predictions["actual"].to_numpy()
-    top = top_losses(probs, targets, int(params["top_k"]))
+    top = top_losses(probs, targets, options.top_k)
     for row in top:
         row["path"] = str(predictions["path"].iat[row["index"]])
         row["predicted"] = classes[row["predicted"]]
         row["actual"] = classes[row["actual"]]
-    confused = most_confused(probs, targets, classes, int(params["min_val"]))
+    confused = most_confused(probs, targets, classes, options.min_val)
     for actual, predicted, count in confused[:10]:
         logger.info("most confused: %s -> %s: %d", actual, predicted, count)
     return {
@@ -186,10 +206,11 @@ def plot_report(
         lr_find_result["suggestion"],
         skipped=lr_find_result.get("skipped"),
     )
-    cfg = stage_config("show_batch", stage_params, 0.0)
+    cfg = parse(StageConfig, stage_params)
     train, _ = presized_images.split()
     _, stats = model_from_checkpoint(checkpoint)
-    imgs, labels = augmented_batch(train, cfg.augment, stats, int(params["show_batch"]), cfg.seed)
+    n = parse(InterpretParams, params).show_batch
+    imgs, labels = augmented_batch(train, cfg.augmentation, stats, n, cfg.seed)
     labels = [classes[i] for i in labels]
     batch = image_grid(imgs, [short_name(c) for c in labels], title="show_batch (augmented)")
     return confusion, losses, curves, lr_plot, batch

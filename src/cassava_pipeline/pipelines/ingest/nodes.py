@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from cassava_pipeline.validation import parse
 from cassava_pipeline.vision.ingest import (
     IngestOptions,
     check_exclusions,
@@ -15,7 +16,6 @@ from cassava_pipeline.vision.ingest import (
     summarise,
     unusual_lines,
 )
-from cassava_pipeline.vision.layouts import layout_from_params
 from cassava_pipeline.vision.split import SplitOptions, check_classes, split
 
 logger = logging.getLogger(__name__)
@@ -23,12 +23,8 @@ logger = logging.getLogger(__name__)
 
 def ingest_images(raw_images: Path, params: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
     """List the images of the configured layout, verify each one and report what was excluded."""
-    options = IngestOptions(
-        max_image_pixels=int(params["max_image_pixels"]),
-        workers=int(params["workers"]),
-        chunk_size=int(params["chunk_size"]),
-    )
-    manifest, report = ingest(raw_images, layout_from_params(params), options)
+    options = parse(IngestOptions, params)
+    manifest, report = ingest(raw_images, options.chosen_layout, options)
     for note in report["layout_notes"]:
         # how the folders were read: a recognised validation folder is news, the rest a warning
         (logger.info if note.startswith("validation folder") else logger.warning)(note)
@@ -49,11 +45,7 @@ def check_ingest(
 
     A node of its own so that the data report is already saved when the run stops.
     """
-    check_exclusions(
-        data_report,
-        float(params["max_excluded_fraction"]),
-        report_path=str(params.get("report_path", "the data report")),
-    )
+    check_exclusions(data_report, parse(IngestOptions, params))
     return candidates
 
 
@@ -61,12 +53,7 @@ def split_manifest(
     manifest: pd.DataFrame, data_report: dict, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, dict]:
     """Fill ``is_valid``: the layout's own split, or a stratified random one; report the counts."""
-    options = SplitOptions(
-        valid_pct=float(params["valid_pct"]),
-        seed=int(params["seed"]),
-        use_layout_split=bool(params["use_layout_split"]),
-        keep_conflicting_duplicates=bool(params.get("keep_conflicting_duplicates", False)),
-    )
+    options = parse(SplitOptions, params)
     classes = [c["name"] for c in data_report["classes"]]
     result, report = split(manifest, classes, options)
     logger.info(

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from cassava_pipeline.validation import parse
 from cassava_pipeline.vision import allocator
 from cassava_pipeline.vision.export import ExportedModel
 from cassava_pipeline.vision.layouts import LayoutError
+from cassava_pipeline.vision.learner import RuntimeConfig
+from cassava_pipeline.vision.options import STRICT, NonNegativeInt, PositiveInt
 from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.run import inference_device
 from cassava_pipeline.vision.tta import TtaOptions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """``cassava_predict``: which images, and how they are read and predicted."""
+
+    __pydantic_config__ = STRICT
+
+    images: str | None = None  # the catalog's predict_images reads it (--params=predict.images)
+    tta: bool = True  # fastai's TTA with the ``tta`` settings; false: plain predictions
+    batch_size: PositiveInt = 64  # images per forward pass
+    workers: NonNegativeInt = 0  # processes decoding images; 0 = all cores
+    chunk_size: PositiveInt = 512  # images decoded and held in memory at a time
 
 
 def predict_images(
@@ -36,16 +53,18 @@ def predict_images(
             '--params="predict.images=/path/to/new_photos"'
         )
     names = list_folder(images_root)
-    options = TtaOptions(**tta_params) if params["tta"] else None
-    allocator.apply(runtime_params.get("malloc", allocator.DEFAULT_MODE))
-    classifier = Classifier(model, device=inference_device(runtime_params["accelerator"]))
+    predict = parse(PredictParams, params)
+    options = parse(TtaOptions, tta_params) if predict.tta else None
+    runtime = parse(RuntimeConfig, runtime_params)
+    allocator.apply(runtime.malloc)
+    classifier = Classifier(model, device=inference_device(runtime.accelerator))
     out = classifier.predict(
         [images_root / n for n in names],
         names=names,
         tta_options=options,
-        batch_size=int(params["batch_size"]),
-        workers=int(params["workers"]),
-        chunk_size=int(params["chunk_size"]),
+        batch_size=predict.batch_size,
+        workers=predict.workers,
+        chunk_size=predict.chunk_size,
     )
     for name, reason in out.errors:
         logger.warning("skipped %s: %s", name, reason)

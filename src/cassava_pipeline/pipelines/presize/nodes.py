@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from cassava_pipeline.validation import parse
 from cassava_pipeline.vision.presize import PresizeJob, PresizeOptions, upscaled_lines
 
 logger = logging.getLogger(__name__)
@@ -17,16 +18,7 @@ def presize_images(
     split_manifest: pd.DataFrame, data_report: dict, raw_images: Path, params: dict[str, Any]
 ) -> PresizeJob:
     """Describe the presize of every manifest image; the shards dataset carries it out on save."""
-    options = PresizeOptions(
-        size=int(params["size"]),
-        workers=int(params["workers"]),
-        shard_mb=int(params["shard_mb"]),
-        chunk_size=int(params["chunk_size"]),
-        max_image_pixels=int(params["max_image_pixels"]),
-        jpeg_draft=bool(params["jpeg_draft"]),
-        encoding=str(params["encoding"]),
-        jpeg_quality=int(params["jpeg_quality"]),
-    )
+    options = parse(PresizeOptions, params)
     for line in upscaled_lines(split_manifest, options.size):
         logger.warning(line)
     classes = tuple(c["name"] for c in data_report["classes"])

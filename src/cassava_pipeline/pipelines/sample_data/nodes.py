@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from cassava_pipeline.validation import parse
 from cassava_pipeline.vision.sample import (
     SampleOptions,
     label_map,
@@ -25,20 +26,13 @@ def generate_sample(
 ) -> tuple[pd.DataFrame, dict[str, str], LazyImages, pd.DataFrame, LazyImages]:
     """Kaggle's layout for the synthetic sample: train.csv, the label map, train_images/, and
     sample_submission.csv with its unlabeled test_images/ (for ``cassava_predict``)."""
-    fractions = params.get("class_fractions")
-    options = SampleOptions(
-        **{
-            k: v
-            for k, v in params.items()
-            if k not in ("class_fractions", "workers", "n_test_images")
-        },
-        **({"class_fractions": tuple(fractions)} if fractions else {}),
-    )
-    workers = int(params.get("workers", 0))
+    options = parse(SampleOptions, params)
     table = sample_table(options)
-    images = lazy_images(table, options, workers=workers)
-    test = test_table(options, int(params.get("n_test_images", 0)))
-    test_images = lazy_images(test, replace(options, seed=options.seed + 1), workers=workers)
+    images = lazy_images(table, options, workers=options.workers)
+    test = test_table(options, options.n_test_images)
+    test_images = lazy_images(
+        test, replace(options, seed=options.seed + 1), workers=options.workers
+    )
     # Kaggle's sample_submission.csv: every test image with the majority label as a placeholder.
     submission = pd.DataFrame({"image_id": test["image_id"], "label": 3})
     return table, label_map(len(options.class_fractions)), images, submission, test_images
