@@ -5,6 +5,11 @@ dataclass that states its fields' types, bounds (``annotated_types``) and defaul
 (``vision``'s ``StageConfig``, ``AugmentOptions``, ..., or a node module's own block); unknown
 keys are errors. A node calls :func:`parse` on its ``params:`` input;
 :func:`cassava_pipeline.params.check_parameters` parses every block at the start of a run.
+
+Nodes take their parameters as dicts and parse them, rather than through Kedro's typed
+``params:`` inputs (Kedro 1.x instantiates an annotated dataclass with ``cls(**value)``, leaving
+nested blocks as dicts and bounds unchecked, and kedro-mlflow logs a node's ``params:`` inputs by
+flattening dicts: objects there would change every MLflow parameter name).
 """
 
 from __future__ import annotations
