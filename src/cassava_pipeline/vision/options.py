@@ -12,6 +12,7 @@ field's choices enforced when a dataclass is built directly in Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Annotated, Any, Literal
 
@@ -59,13 +60,20 @@ class OptionError(ValueError):
 def check_choices(obj: Any, block: str = "") -> None:
     """Raise :class:`OptionError` for a ``Literal`` field of dataclass ``obj`` holding another
     value (pydantic checks them when parameters are validated; this covers direct use)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        choices = _literal_choices(hints[f.name])
-        value = getattr(obj, f.name)
-        if choices and value not in choices:
+    for name, choices in _choices(type(obj)):
+        value = getattr(obj, name)
+        if value not in choices:
             allowed = " or ".join(repr(c) for c in choices)
-            raise OptionError(f.name, value, f"Input should be {allowed}", block)
+            raise OptionError(name, value, f"Input should be {allowed}", block)
+
+
+@functools.cache
+def _choices(kind: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The ``Literal`` fields of dataclass ``kind`` and their values (read once per class: a
+    dataclass may be built per batch)."""
+    hints = typing.get_type_hints(kind)
+    found = ((f.name, _literal_choices(hints[f.name])) for f in dataclasses.fields(kind))
+    return tuple((name, choices) for name, choices in found if choices)
 
 
 def _literal_choices(hint: Any) -> tuple[Any, ...]:
