@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cassava_pipeline.pipelines.cv.nodes import CvParams
 from cassava_pipeline.pipelines.evaluate.nodes import InterpretParams
 from cassava_pipeline.pipelines.predict.nodes import PredictParams
 from cassava_pipeline.pipelines.train.nodes import LrFindParams
@@ -76,6 +77,7 @@ class Parameters:
     tta: TtaOptions
     interpret: InterpretParams
     predict: PredictParams
+    cv: CvParams = field(default_factory=CvParams)
     data: DataParams = field(default_factory=DataParams)
     run_name: str | None = None  # the MLflow run's name; default: made from what differs
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
+from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 
-from cassava_pipeline.pipelines import evaluate, ingest, predict, presize, sample_data, train
+from cassava_pipeline.config import merged_config
+from cassava_pipeline.pipelines import cv, evaluate, ingest, predict, presize, sample_data, train
+from cassava_pipeline.pipelines.cv.nodes import CvParams
+from cassava_pipeline.pipelines.train.pipeline import initial
+from cassava_pipeline.validation import parse
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -28,6 +35,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         data = ingest.create_pipeline() + presize.create_pipeline()
         training = train.create_pipeline()
         evaluation = evaluate.create_pipeline()
+        cross_validation = data + initial() + cv.create_pipeline(folds=configured_folds())
     return {
         "sample_data": sample_data.create_pipeline(),
         "ingest": ingest.create_pipeline(),
@@ -37,5 +45,16 @@ def register_pipelines() -> dict[str, Pipeline]:
         "evaluate": evaluation,
         "cassava": data + training + evaluation,
         "cassava_predict": predict.create_pipeline(),
+        "cassava_cv": cross_validation,
         "__default__": data + training + evaluation,
     }
+
+
+def configured_folds() -> int:
+    """``cv.folds`` of the parameter files (conf/base and the environment ``KEDRO_ENV`` names):
+    the folds shape the pipeline, and Kedro builds pipelines before it reads ``--params``."""
+    conf = Path(settings.CONF_SOURCE)
+    if not conf.is_dir():  # a pipeline listed outside the project (kedro-viz, docs)
+        return CvParams().folds
+    params = merged_config(conf, os.environ.get("KEDRO_ENV"))
+    return parse(CvParams, params.get("cv", {})).folds

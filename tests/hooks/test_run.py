@@ -29,3 +29,23 @@ def test_node_times_cover_each_node_from_its_first_load_to_its_last_save():
 def test_bad_parameters_stop_before_anything_runs():
     with pytest.raises(ParameterError, match="runtime"):
         ParametersHooks().after_context_created(SimpleNamespace(params={"runtime": 1}))
+
+
+# Kedro's note on dotted dataset names: the dots are its namespacing (pipeline_registry.py)
+@pytest.mark.filterwarnings("ignore:One or more dataset names contain")
+def test_a_fold_count_the_cv_pipeline_was_not_built_with_is_refused():
+    from cassava_pipeline.pipelines.cv import create_pipeline
+    from tests.test_params import _params
+
+    params = _params()
+    params["cv"]["folds"] = 3
+    hooks = ParametersHooks()
+    hooks.after_context_created(SimpleNamespace(params=params))
+    five = create_pipeline(folds=5)
+    with pytest.raises(ParameterError, match=r"cv\.folds is 3.*fold_0, fold_1, fold_2, fold_3"):
+        hooks.before_pipeline_run({}, five, None)
+    with pytest.raises(ParameterError, match="KEDRO_ENV"):  # one fold past the three
+        hooks.before_pipeline_run({}, five.only_nodes_with_namespaces(["fold_4"]), None)
+    hooks.before_pipeline_run({}, five.only_nodes_with_namespaces(["fold_2"]), None)  # a fold
+    hooks.before_pipeline_run({}, create_pipeline(folds=3), None)  # built as asked
+    hooks.before_pipeline_run({}, SimpleNamespace(nodes=[]), None)  # not cassava_cv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import mlflow
 from kedro.framework.hooks import hook_impl
 
 from cassava_pipeline.hooks.mlflow_run import tag_failure
-from cassava_pipeline.params import check_parameters
+from cassava_pipeline.params import ParameterError, check_parameters
 from cassava_pipeline.runlock import RunLock
 from cassava_pipeline.tracking import active_run_id
 from cassava_pipeline.vision.atomic import remove_dead_temps_under
@@ -26,6 +27,8 @@ from cassava_pipeline.vision.dist import (
 )
 
 logger = logging.getLogger(__name__)
+
+FOLD_NAMESPACE = re.compile(r"fold_\d+")  # cassava_cv's fold_<k> (pipelines/cv)
 
 
 class DistributedHooks:
@@ -93,9 +96,34 @@ class ParametersHooks:
     (:mod:`cassava_pipeline.params`) as soon as the Kedro context exists: before MLflow, the run
     lock or any node, so that a bad value stops the run at once with every problem named."""
 
+    def __init__(self) -> None:
+        self._folds: int | None = None
+
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        check_parameters(context.params)
+        self._folds = check_parameters(context.params).cv.folds
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        """cassava_cv has one namespace per fold, built from the parameter files before Kedro
+        reads ``--params``: a ``cv.folds`` the run's pipeline was not built with is refused."""
+        built = {
+            n.namespace.split(".")[0]
+            for n in pipeline.nodes
+            if n.namespace and FOLD_NAMESPACE.fullmatch(n.namespace.split(".")[0])
+        }
+        whole = any(n.name == "make_folds" for n in pipeline.nodes)
+        if self._folds is None or not built:
+            return
+        beyond = sorted(b for b in built if int(b.split("_")[1]) >= self._folds)
+        if beyond or (whole and len(built) != self._folds):
+            raise ParameterError(
+                f"cv.folds is {self._folds}, but this run's pipeline holds the namespaces "
+                f"{', '.join(sorted(built))}: Kedro builds cassava_cv's folds from the "
+                "parameter files (conf/base and the environment KEDRO_ENV names) before it reads "
+                "--params. Set cv.folds in conf/<env>/parameters_cv.yml and run with "
+                "KEDRO_ENV=<env>."
+            )
 
 
 class NodeTimesHooks:

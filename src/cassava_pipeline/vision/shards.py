@@ -17,6 +17,7 @@ from PIL import Image
 
 from .integrity import DIGEST_KEY, IntegrityError, content_sha256, verified_file_sha256
 from .presize import INDEX_FILE, INPUT_PARTS, META_FILE, SHARD_FORMAT, PresizeJob, job_inputs
+from .provenance import digest
 
 PRESIZE_AGAIN = (
     "Presize again: kedro run --pipelines=data (or dvc repro data) rewrites the shard set from "
@@ -127,6 +128,8 @@ class ShardedImages:
         self._h = full["out_height"].to_numpy()
         self._w = full["out_width"].to_numpy()
         self._label = full["label"].to_numpy()
+        self._valid = full["is_valid"].to_numpy(dtype=bool)  # per row of the full index
+        self._content = dict(self.meta["content"])
         self._maps: dict[int, np.memmap] = {}
 
     @property
@@ -136,8 +139,9 @@ class ShardedImages:
 
     @property
     def content(self) -> dict[str, str]:
-        """The content digests written with the shards (:func:`.presize.content_digests`)."""
-        return dict(self.meta["content"])
+        """The content digests written with the shards (:func:`.presize.content_digests`); for
+        a :meth:`resplit` view, with its own ``split`` (and so ``digest``)."""
+        return dict(self._content)
 
     @property
     def classes(self) -> list[str]:
@@ -147,7 +151,9 @@ class ShardedImages:
     @property
     def index(self) -> pd.DataFrame:
         """Index rows (path, label, is_valid, size, shard, offset, ...) of this view."""
-        return self._full_index.iloc[self._rows].reset_index(drop=True)
+        rows = self._full_index.iloc[self._rows].reset_index(drop=True)
+        rows["is_valid"] = self._valid[self._rows]  # a resplit view's own sides
+        return rows
 
     @property
     def labels(self) -> np.ndarray:
@@ -155,9 +161,26 @@ class ShardedImages:
         return self._label[self._rows]
 
     def split(self) -> tuple[ShardedImages, ShardedImages]:
-        """(training view, validation view), from the manifest's ``is_valid`` column."""
-        valid = self._full_index["is_valid"].to_numpy(dtype=bool)[self._rows]
+        """(training view, validation view), from the manifest's ``is_valid`` column (or the
+        flags given to :meth:`resplit`)."""
+        valid = self._valid[self._rows]
         return self.subset(np.flatnonzero(~valid)), self.subset(np.flatnonzero(valid))
+
+    def resplit(self, valid: np.ndarray) -> ShardedImages:
+        """This view with ``valid`` (one flag per image of it) as its validation side, e.g. a
+        cross-validation fold. Its content's ``split`` part digests exactly these images and
+        flags, so a model trained on one fold is never taken for another's."""
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (len(self),):
+            raise ValueError(f"resplit needs one flag per image ({len(self)}), got {valid.shape}")
+        view = self.subset(np.arange(len(self)))
+        view._valid = self._valid.copy()
+        view._valid[self._rows] = valid
+        paths = self._full_index["path"].to_numpy()[self._rows].astype(str).tolist()
+        parts = {k: v for k, v in self._content.items() if k != "digest"}
+        parts["split"] = digest([paths, valid.tolist()])
+        view._content = {**parts, "digest": digest(parts)}
+        return view
 
     def subset(self, positions: np.ndarray) -> ShardedImages:
         """A view over some positions of this view (no data is copied)."""

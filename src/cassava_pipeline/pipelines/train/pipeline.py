@@ -40,18 +40,18 @@ def training_stage() -> Pipeline:
     )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    """Model initialisation, lr_find, and the three namespaced training stages."""
-    setup = Pipeline(
+def recipe(small: str = "small.presized_images", large: str = "large.presized_images") -> Pipeline:
+    """lr_find, the three namespaced training stages and the export, on the shard sets named
+    ``small`` and ``large``, from ``initial_checkpoint`` (also the recipe of each
+    cross-validation fold, on its fold's views)."""
+    shards = {"small.presized_images": small, "large.presized_images": large}
+    sweep = Pipeline(
         [
-            Node(
-                init_model, ["data_report", "params:model"], "initial_checkpoint", name="init_model"
-            ),
             Node(
                 find_lr,
                 [
                     "initial_checkpoint",
-                    "small.presized_images",
+                    shards["small.presized_images"],
                     "lr_find_resume_dir",  # the sweep is kept and reused while its inputs hold
                     "params:frozen.train",
                     "params:lr_find",
@@ -69,7 +69,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             namespace=ns,
             inputs={
                 "start_checkpoint": start,
-                "presized_images": images,
+                "presized_images": shards.get(images, images),
                 "lr_find_result": "lr_find_result",
             },
             parameters={"params:runtime": "params:runtime"},
@@ -92,4 +92,16 @@ def create_pipeline(**kwargs) -> Pipeline:
             )
         ]
     )
-    return setup + sum(stages, Pipeline([])) + export
+    return sweep + sum(stages, Pipeline([])) + export
+
+
+def initial() -> Pipeline:
+    """The pretrained body with a fresh head: the checkpoint every recipe starts from."""
+    return Pipeline(
+        [Node(init_model, ["data_report", "params:model"], "initial_checkpoint", name="init_model")]
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Model initialisation, lr_find, the three namespaced training stages, the export."""
+    return initial() + recipe()

@@ -1,0 +1,124 @@
+"""Nodes of the cassava_cv pipeline: the folds, each fold's view of the shards, and what the
+folds' out-of-fold predictions show together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+from annotated_types import Ge, Gt, Lt
+from scipy.stats import bootstrap
+
+from cassava_pipeline.validation import parse
+from cassava_pipeline.vision.folds import (
+    HELD_OUT,
+    FoldOptions,
+    assign_folds,
+    fold_report,
+    fold_view,
+)
+from cassava_pipeline.vision.label_issues import label_issues
+from cassava_pipeline.vision.shards import ShardedImages
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CvParams(FoldOptions):
+    """The folds, and how their accuracy's interval is estimated."""
+
+    bootstrap: Annotated[int, Ge(100)] = 2000  # resamples of the out-of-fold images
+    confidence: Annotated[float, Gt(0.5), Lt(1.0)] = 0.95  # the interval's level
+
+
+def make_folds(
+    split_manifest: pd.DataFrame, data_report: dict[str, Any], params: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Each image's fold (``-1``: the split's validation side, a held-out test), and the
+    images per fold and class."""
+    options = parse(CvParams, params)
+    classes = [c["name"] for c in data_report["classes"]]
+    folded, notes = assign_folds(split_manifest, classes, options)
+    for line in notes:
+        logger.warning("cv: %s", line)
+    report = fold_report(folded, classes)
+    logger.info(
+        "cv: %d folds over %d training images; %d held out",
+        report["folds"],
+        int((folded["fold"] != HELD_OUT).sum()),
+        report["held_out"],
+    )
+    return folded[["path", "label", "fold"]], report
+
+
+def fold_images(shards: ShardedImages, cv_folds: pd.DataFrame, fold: int) -> ShardedImages:
+    """``shards`` as fold ``fold`` sees them: the other folds train, this one validates."""
+    return fold_view(shards, cv_folds, fold)
+
+
+def out_of_fold(
+    cv_folds: pd.DataFrame,
+    data_report: dict[str, Any],
+    params: dict[str, Any],
+    *fold_predictions: pd.DataFrame,
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Every training image's TTA probabilities from the fold model that did not train on it
+    (``image, label, p_0.., fold``), the CV accuracy (per fold, mean and spread, a bootstrap
+    interval over the images) and cleanlab's suspected label issues among them."""
+    options = parse(CvParams, params)
+    classes = [c["name"] for c in data_report["classes"]]
+    n = len(classes)
+    parts = []
+    for k, pred in enumerate(fold_predictions):
+        probs = pred[[f"p_tta_{i}" for i in range(n)]].to_numpy()
+        parts.append(
+            pd.DataFrame({"image": pred["path"], "label": pred["actual"], "fold": k}).join(
+                pd.DataFrame(probs, columns=[f"p_{i}" for i in range(n)])
+            )
+        )
+    oof = pd.concat(parts, ignore_index=True)
+    expected = cv_folds[cv_folds["fold"] != HELD_OUT].set_index("path")["fold"]
+    got = oof.set_index("image")["fold"]
+    if got.index.duplicated().any() or not got.sort_index().equals(expected.sort_index()):
+        raise ValueError(
+            "The folds' predictions do not cover each training image once, by the fold that "
+            "validated it: the folds were cut again since; rerun every fold (kedro run "
+            "--pipelines=cassava_cv)."
+        )
+    probs = oof[[f"p_{i}" for i in range(n)]].to_numpy()
+    correct = (probs.argmax(1) == oof["label"].to_numpy()).astype(np.float64)
+    per_fold = oof.assign(correct=correct).groupby("fold")["correct"].mean()
+    interval = bootstrap(
+        (correct,),
+        np.mean,
+        n_resamples=options.bootstrap,
+        confidence_level=options.confidence,
+        method="percentile",
+        rng=np.random.default_rng(options.seed),
+    ).confidence_interval
+    metrics = {
+        "folds": len(fold_predictions),
+        "n_images": len(oof),
+        "accuracy": float(correct.mean()),  # over every out-of-fold image
+        "fold_accuracy": [float(a) for a in per_fold],
+        "fold_accuracy_mean": float(per_fold.mean()),
+        "fold_accuracy_std": float(per_fold.std(ddof=1)),
+        "interval": [float(interval.low), float(interval.high)],
+        "confidence": options.confidence,
+    }
+    issues = label_issues(oof["image"].tolist(), oof["label"].to_numpy(), probs, classes)
+    metrics["label_issues"] = len(issues)
+    logger.info(
+        "cv: out-of-fold accuracy %.4f (%.0f%% interval %.4f to %.4f), folds %.4f +- %.4f; "
+        "%d suspected label issue(s)",
+        metrics["accuracy"],
+        100 * options.confidence,
+        *metrics["interval"],
+        metrics["fold_accuracy_mean"],
+        metrics["fold_accuracy_std"],
+        len(issues),
+    )
+    return oof, metrics, issues

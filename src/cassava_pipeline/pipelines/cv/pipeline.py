@@ -1,0 +1,102 @@
+"""cassava_cv: the recipe once per fold of a stratified k-fold over the training side.
+
+``make_folds`` cuts the split's training side into ``cv.folds`` folds (the split's validation
+side stays a held-out test); each fold is the namespace ``fold_<k>``, built by
+:func:`fold_pipeline`: views of the shared shards with fold ``k`` as validation, then the whole
+training recipe (lr_find, frozen, unfrozen, mixup, the export) and the TTA evaluation of its
+validation fold, which are that fold's out-of-fold predictions. ``kedro run
+--pipelines=cassava_cv --namespaces=fold_2`` runs one fold alone (the folds, the shards and the
+initial checkpoint are files; the other folds' outputs too). ``out_of_fold`` gathers them.
+"""
+
+from __future__ import annotations
+
+from functools import partial, update_wrapper
+
+from kedro.pipeline import Node, Pipeline
+
+from cassava_pipeline.pipelines.evaluate.nodes import evaluate
+from cassava_pipeline.pipelines.train import pipeline as train
+
+from .nodes import fold_images, make_folds, out_of_fold
+
+# What every fold reads unchanged: shared files, and the recipe's parameters.
+SHARED = {
+    "cv_folds",
+    "initial_checkpoint",
+    "data_report",
+    "small.presized_images",
+    "large.presized_images",
+}
+PARAMETERS = {
+    "params:lr_find",
+    "params:runtime",
+    "params:tta",
+    "params:large.presize",
+    *(f"params:{stage}.train" for stage in train.STAGES),
+}
+
+
+def fold_name(k: int) -> str:
+    return f"fold_{k}"
+
+
+def fold_pipeline(k: int) -> Pipeline:
+    """Fold ``k``: its views of the shards, the recipe on them, the evaluation of its fold."""
+    views = [
+        Node(
+            update_wrapper(partial(fold_images, fold=k), fold_images),
+            [f"{size}.presized_images", "cv_folds"],
+            f"{size}_view",
+            name=f"{size}_view",
+        )
+        for size in ("small", "large")
+    ]
+    scored = Node(
+        evaluate,
+        [
+            f"{list(train.STAGES)[-1]}.checkpoint",
+            "large_view",
+            f"params:{list(train.STAGES)[-1]}.train",
+            "params:tta",
+            "params:runtime",
+        ],
+        ["metrics", "validation_predictions", "final_metrics"],
+        name="evaluate",
+    )
+    return Pipeline(
+        Pipeline(views) + train.recipe("small_view", "large_view") + Pipeline([scored]),
+        namespace=fold_name(k),
+        inputs=SHARED,
+        parameters=PARAMETERS,
+    )
+
+
+def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
+    """The folds, ``folds`` namespaced recipes, and the out-of-fold report."""
+    cut = Pipeline(
+        [
+            Node(
+                make_folds,
+                ["split_manifest", "data_report", "params:cv"],
+                ["cv_folds", "cv_fold_report"],
+                name="make_folds",
+            )
+        ]
+    )
+    gather = Pipeline(
+        [
+            Node(
+                out_of_fold,
+                [
+                    "cv_folds",
+                    "data_report",
+                    "params:cv",
+                    *(f"{fold_name(k)}.validation_predictions" for k in range(folds)),
+                ],
+                ["oof_predictions", "cv_metrics", "label_issues"],
+                name="out_of_fold",
+            )
+        ]
+    )
+    return cut + sum((fold_pipeline(k) for k in range(folds)), Pipeline([])) + gather

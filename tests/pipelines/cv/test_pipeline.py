@@ -1,0 +1,112 @@
+"""cassava_cv at test size: two folds of the shrunk recipe, out-of-fold predictions, one fold
+rerun alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kedro.runner import SequentialRunner
+
+from cassava_pipeline.datasets import CheckpointDataset, WorkDirDataset
+from cassava_pipeline.datasets.atomic import JSONDataset, ParquetDataset
+from cassava_pipeline.pipeline_registry import register_pipelines
+from cassava_pipeline.pipelines.cv import create_pipeline
+from cassava_pipeline.pipelines.ingest.pipeline import create_pipeline as ingest
+from cassava_pipeline.pipelines.presize.pipeline import create_pipeline as presize
+from cassava_pipeline.pipelines.train.pipeline import STAGES, initial
+from cassava_pipeline.vision.folds import HELD_OUT, fold_view
+from cassava_pipeline.vision.shards import ShardedImages
+from tests.pipelines.conftest import make_catalog, shrink_training
+
+FOLDS = 2
+# Kedro's note on dotted dataset names: the dots are its namespacing (pipeline_registry.py)
+pytestmark = pytest.mark.filterwarnings("ignore:One or more dataset names contain")
+
+
+def test_one_namespace_per_fold_built_by_one_function():
+    pipe = register_pipelines()["cassava_cv"]
+    names = {n.name for n in pipe.nodes}
+    assert {f"fold_{k}.frozen.train_stage" for k in range(5)} <= names  # conf/base: 5 folds
+    assert {"make_folds", "out_of_fold", "init_model", "split_manifest"} <= names
+    assert len({n.func for n in pipe.nodes if n.name.endswith("train_stage")}) == 1
+    two = create_pipeline(folds=2)
+    assert {n.namespace for n in two.nodes} >= {"fold_0", "fold_1"}
+    alone = two.only_nodes_with_namespaces(["fold_1"])
+    assert all(n.name.startswith("fold_1.") for n in alone.nodes)
+    # one fold alone reads only shared files: no other fold's output
+    assert not {i for i in alone.inputs() if i.startswith("fold_0.")}
+
+
+def _fold_catalog(catalog, out: Path):
+    for k in range(FOLDS):
+        f = f"fold_{k}"
+        catalog[f"{f}.lr_find_resume_dir"] = WorkDirDataset(path=str(out / "resume" / f"{f}.lr"))
+        for stage in STAGES:
+            catalog[f"{f}.{stage}.resume_dir"] = WorkDirDataset(
+                path=str(out / "resume" / f"{f}.{stage}")
+            )
+            path = str(out / f"{f}.{stage}.pt")
+            catalog[f"{f}.{stage}.checkpoint"] = CheckpointDataset(path=path)
+        catalog[f"{f}.validation_predictions"] = ParquetDataset(
+            filepath=str(out / f"{f}_predictions.parquet")
+        )
+    catalog["cv_folds"] = ParquetDataset(filepath=str(out / "cv_folds.parquet"))
+    catalog["oof_predictions"] = ParquetDataset(filepath=str(out / "oof.parquet"))
+    catalog["cv_metrics"] = JSONDataset(filepath=str(out / "cv_metrics.json"))
+    return catalog
+
+
+@pytest.mark.slow
+def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_it(
+    kaggle_dir: Path, params, tmp_path: Path
+):
+    params = shrink_training(params)
+    for stage in ("unfrozen", "mixup"):  # the frozen stage alone: the fold logic is the point
+        params[stage]["train"]["epochs"] = 0
+    params["frozen"]["train"]["lr"] = 1e-3  # no lr_find sweep
+    params["cv"] = {"folds": FOLDS, "seed": 0, "bootstrap": 200}
+    out = tmp_path / "out"
+    catalog = _fold_catalog(make_catalog(kaggle_dir, params, out), out)
+    pipe = ingest() + presize() + initial() + create_pipeline(folds=FOLDS)
+    SequentialRunner().run(pipe, catalog)
+
+    folds = catalog["cv_folds"].load()
+    oof = catalog["oof_predictions"].load()
+    training = folds[folds["fold"] != HELD_OUT]
+    assert sorted(oof["image"]) == sorted(training["path"])  # each training image once
+    assert (
+        oof.set_index("image")["fold"]
+        .sort_index()
+        .equals(training.set_index("path")["fold"].sort_index())
+    )
+    probs = oof[[f"p_{i}" for i in range(3)]].to_numpy()
+    assert abs(probs.sum(1) - 1).max() < 1e-5
+    large = ShardedImages(out / "large")
+    for k in range(FOLDS):
+        ckpt = catalog[f"fold_{k}.mixup.checkpoint"].load()  # mixup and unfrozen passed it on
+        assert ckpt["stage"] == "frozen"
+        view = fold_view(large, folds, k)
+        assert ckpt["trained_on"]["split"] == view.content["split"]  # trained on this fold's cut
+        train, _ = view.split()
+        validated = set(oof.loc[oof["fold"] == k, "image"])
+        assert validated and not validated & set(train.index["path"])  # never trained on
+    metrics = catalog["cv_metrics"].load()
+    assert metrics["folds"] == FOLDS and metrics["n_images"] == len(training)
+    assert metrics["interval"][0] <= metrics["accuracy"] <= metrics["interval"][1]
+    assert len(metrics["fold_accuracy"]) == FOLDS
+
+    # one fold alone: its finished stage is reused, the other fold's files are untouched
+    other = out / "fold_0.frozen.pt"
+    before = other.stat().st_mtime_ns, (out / "fold_1.frozen.pt").read_bytes()
+    SequentialRunner().run(pipe.only_nodes_with_namespaces(["fold_1"]), catalog)
+    assert other.stat().st_mtime_ns == before[0]
+    assert catalog["fold_1.frozen.checkpoint"].load()["trained_on"] == ckpt_on(catalog, 1)
+    assert (out / "fold_1.frozen.pt").read_bytes() == before[1]  # same inputs: the same result
+    again = pd.read_parquet(out / "fold_1_predictions.parquet")
+    assert len(again) == int((folds["fold"] == 1).sum())
+
+
+def ckpt_on(catalog, k: int) -> dict:
+    return catalog[f"fold_{k}.frozen.checkpoint"].load()["trained_on"]
