@@ -52,9 +52,13 @@ def _fold_catalog(catalog, out: Path):
         catalog[f"{f}.validation_predictions"] = ParquetDataset(
             filepath=str(out / f"{f}_predictions.parquet")
         )
+        catalog[f"{f}.held_out_predictions"] = ParquetDataset(
+            filepath=str(out / f"{f}_held_out.parquet")
+        )
     catalog["cv_folds"] = ParquetDataset(filepath=str(out / "cv_folds.parquet"))
     catalog["oof_predictions"] = ParquetDataset(filepath=str(out / "oof.parquet"))
     catalog["cv_metrics"] = JSONDataset(filepath=str(out / "cv_metrics.json"))
+    catalog["cv_held_out_metrics"] = JSONDataset(filepath=str(out / "cv_held_out.json"))
     return catalog
 
 
@@ -96,6 +100,14 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     assert metrics["folds"] == FOLDS and metrics["n_images"] == len(training)
     assert metrics["interval"][0] <= metrics["accuracy"] <= metrics["interval"][1]
     assert len(metrics["fold_accuracy"]) == FOLDS
+    # each fold model and their ensemble on the held-out side (the split's validation images)
+    held_out = catalog["cv_held_out_metrics"].load()
+    assert held_out["n_images"] == int((folds["fold"] == HELD_OUT).sum()) > 0
+    assert len(held_out["fold_accuracy"]) == FOLDS
+    assert 0 <= held_out["ensemble_accuracy"] <= 1 and held_out["ensemble"]["n"] == 3
+    test = catalog["fold_0.held_out_predictions"].load()
+    assert set(test["path"]) == set(folds.loc[folds["fold"] == HELD_OUT, "path"])
+    assert not set(test["path"]) & set(oof["image"])
 
     # one fold alone: its finished stage is reused, the other fold's files are untouched
     other = out / "fold_0.frozen.pt"

@@ -12,6 +12,7 @@ import pandas as pd
 from annotated_types import Ge, Gt, Lt
 from scipy.stats import bootstrap
 
+from cassava_pipeline.pipelines.evaluate.nodes import score
 from cassava_pipeline.validation import parse
 from cassava_pipeline.vision.folds import (
     HELD_OUT,
@@ -21,7 +22,10 @@ from cassava_pipeline.vision.folds import (
     fold_view,
 )
 from cassava_pipeline.vision.label_issues import label_issues
+from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
+from cassava_pipeline.vision.metrics import classification_metrics
 from cassava_pipeline.vision.shards import ShardedImages
+from cassava_pipeline.vision.tta import TtaOptions
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +126,62 @@ def out_of_fold(
         len(issues),
     )
     return oof, metrics, issues
+
+
+def held_out_predictions(
+    checkpoint: dict[str, Any],
+    presized_images: ShardedImages,
+    cv_folds: pd.DataFrame,
+    stage_params: dict[str, Any],
+    tta_params: dict[str, Any],
+    runtime_params: dict[str, Any],
+) -> pd.DataFrame:
+    """A fold model's predictions (plain and TTA) on the held-out side: the split's validation
+    images, which no fold trained or validated on."""
+    _, test = presized_images.split()
+    held = set(cv_folds.loc[cv_folds["fold"] == HELD_OUT, "path"])
+    if set(test.index["path"]) != held:
+        raise ValueError(
+            "The held-out images of the folds are not the shards' validation side: the folds "
+            "were cut from another split; rerun make_folds (kedro run --pipelines=cassava_cv)."
+        )
+    if len(test) == 0:
+        return pd.DataFrame(columns=["path", "actual"])
+    cfg = parse(StageConfig, stage_params).trained_at(checkpoint)
+    options = parse(TtaOptions, tta_params)
+    _, predictions = score(checkpoint, test, cfg, options, parse(RuntimeConfig, runtime_params))
+    return predictions
+
+
+def held_out_report(data_report: dict[str, Any], *fold_predictions: pd.DataFrame) -> dict:
+    """Accuracy on the held-out side of each fold model and of their ensemble (the mean of the
+    folds' TTA probabilities, as a fold ensemble predicts)."""
+    classes = [c["name"] for c in data_report["classes"]]
+    if not fold_predictions or fold_predictions[0].empty:
+        return {"n_images": 0, "note": "the split has no validation side to hold out"}
+    first = fold_predictions[0]
+    columns = [f"p_tta_{i}" for i in range(len(classes))]
+    if any(not p["path"].equals(first["path"]) for p in fold_predictions):
+        raise ValueError("The folds' held-out predictions are not of the same images in order")
+    targets = first["actual"].to_numpy()
+    per_fold = [
+        classification_metrics(p[columns].to_numpy(), targets, classes)["accuracy"]
+        for p in fold_predictions
+    ]
+    mean_probs = np.mean([p[columns].to_numpy() for p in fold_predictions], axis=0)
+    ensemble = classification_metrics(mean_probs, targets, classes)
+    report = {
+        "n_images": len(first),
+        "fold_accuracy": per_fold,
+        "fold_accuracy_mean": float(np.mean(per_fold)),
+        "ensemble_accuracy": ensemble["accuracy"],
+        "ensemble": ensemble,
+    }
+    logger.info(
+        "cv: held-out accuracy of the %d-fold ensemble %.4f; single folds %s (mean %.4f)",
+        len(per_fold),
+        report["ensemble_accuracy"],
+        ", ".join(f"{a:.4f}" for a in per_fold),
+        report["fold_accuracy_mean"],
+    )
+    return report

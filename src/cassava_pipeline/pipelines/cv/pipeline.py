@@ -3,10 +3,12 @@
 ``make_folds`` cuts the split's training side into ``cv.folds`` folds (the split's validation
 side stays a held-out test); each fold is the namespace ``fold_<k>``, built by
 :func:`fold_pipeline`: views of the shared shards with fold ``k`` as validation, then the whole
-training recipe (lr_find, frozen, unfrozen, mixup, the export) and the TTA evaluation of its
-validation fold, which are that fold's out-of-fold predictions. ``kedro run
+training recipe (lr_find, frozen, unfrozen, mixup, the export), the TTA evaluation of its
+validation fold (that fold's out-of-fold predictions) and of the held-out side. ``kedro run
 --pipelines=cassava_cv --namespaces=fold_2`` runs one fold alone (the folds, the shards and the
-initial checkpoint are files; the other folds' outputs too). ``out_of_fold`` gathers them.
+initial checkpoint are files; the other folds' outputs too). ``out_of_fold`` gathers the
+out-of-fold predictions (CV accuracy, label issues), ``held_out_report`` scores each fold model
+and their ensemble on the held-out side.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from kedro.pipeline import Node, Pipeline
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
 from cassava_pipeline.pipelines.train import pipeline as train
 
-from .nodes import fold_images, make_folds, out_of_fold
+from .nodes import fold_images, held_out_predictions, held_out_report, make_folds, out_of_fold
 
 # What every fold reads unchanged: shared files, and the recipe's parameters.
 SHARED = {
@@ -52,20 +54,34 @@ def fold_pipeline(k: int) -> Pipeline:
         )
         for size in ("small", "large")
     ]
+    final = list(train.STAGES)[-1]
     scored = Node(
         evaluate,
         [
-            f"{list(train.STAGES)[-1]}.checkpoint",
+            f"{final}.checkpoint",
             "large_view",
-            f"params:{list(train.STAGES)[-1]}.train",
+            f"params:{final}.train",
             "params:tta",
             "params:runtime",
         ],
         ["metrics", "validation_predictions", "final_metrics"],
         name="evaluate",
     )
+    tested = Node(
+        held_out_predictions,
+        [
+            f"{final}.checkpoint",
+            "large.presized_images",  # its validation side: the held-out test
+            "cv_folds",
+            f"params:{final}.train",
+            "params:tta",
+            "params:runtime",
+        ],
+        "held_out_predictions",
+        name="held_out_predictions",
+    )
     return Pipeline(
-        Pipeline(views) + train.recipe("small_view", "large_view") + Pipeline([scored]),
+        Pipeline(views) + train.recipe("small_view", "large_view") + Pipeline([scored, tested]),
         namespace=fold_name(k),
         inputs=SHARED,
         parameters=PARAMETERS,
@@ -96,7 +112,16 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
                 ],
                 ["oof_predictions", "cv_metrics", "label_issues"],
                 name="out_of_fold",
-            )
+            ),
+            Node(
+                held_out_report,
+                [
+                    "data_report",
+                    *(f"{fold_name(k)}.held_out_predictions" for k in range(folds)),
+                ],
+                "cv_held_out_metrics",
+                name="held_out_report",
+            ),
         ]
     )
     return cut + sum((fold_pipeline(k) for k in range(folds)), Pipeline([])) + gather

@@ -83,21 +83,10 @@ def evaluate(
             f"ones being evaluated ({differs}): its scores would not be validation scores. "
             "Train again on these shards: kedro run --pipelines=train (or dvc repro)."
         )
+    _, valid = presized_images.split()
     cfg = parse(StageConfig, stage_params).trained_at(checkpoint)
     options = parse(TtaOptions, tta_params)
-    runtime = parse(RuntimeConfig, runtime_params)
-    allocator.apply(runtime.malloc)
-    model, stats = model_from_checkpoint(checkpoint)
-    _, valid = presized_images.split()
-    out = tta(
-        model,
-        valid,
-        stats,
-        cfg.augmentation,
-        cfg.loader,
-        options,
-        device=inference_device(runtime.accelerator),
-    )
+    out, predictions = score(checkpoint, valid, cfg, options, parse(RuntimeConfig, runtime_params))
     classes = checkpoint["classes"]
     result = {
         "stage": checkpoint["stage"],  # the stage the final weights come from
@@ -120,12 +109,6 @@ def evaluate(
         options.beta,
         ", use_max" if options.use_max else "",
     )
-    predictions = pd.DataFrame({"path": valid.index["path"], "actual": out["targets"].numpy()})
-    for kind in ("plain", "tta"):
-        probs = out[kind].numpy()
-        predictions[f"predicted_{kind}"] = probs.argmax(1)
-        for i in range(probs.shape[1]):
-            predictions[f"p_{kind}_{i}"] = probs[:, i]
     step = int(checkpoint.get("global_epochs", 0))
     tracked = {
         f"{prefix}{name}": {"value": float(result[kind][name]), "step": step}
@@ -135,6 +118,28 @@ def evaluate(
     if checkpoint.get("best_epoch") is not None:
         tracked["kept_epoch"] = {"value": float(checkpoint["best_epoch"]), "step": step}
     return result, predictions, tracked
+
+
+def score(
+    checkpoint: dict[str, Any],
+    images: ShardedImages,
+    cfg: StageConfig,
+    options: TtaOptions,
+    runtime: RuntimeConfig,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """fastai's ``tta`` of the checkpoint's model on ``images`` with ``cfg``'s augmentation, and
+    the per-image table: path, actual, predicted and probabilities, plain and TTA."""
+    allocator.apply(runtime.malloc)
+    model, stats = model_from_checkpoint(checkpoint)
+    device = inference_device(runtime.accelerator)
+    out = tta(model, images, stats, cfg.augmentation, cfg.loader, options, device=device)
+    predictions = pd.DataFrame({"path": images.index["path"], "actual": out["targets"].numpy()})
+    for kind in ("plain", "tta"):
+        probs = out[kind].numpy()
+        predictions[f"predicted_{kind}"] = probs.argmax(1)
+        for i in range(probs.shape[1]):
+            predictions[f"p_{kind}_{i}"] = probs[:, i]
+    return out, predictions
 
 
 def _probs(predictions: pd.DataFrame, kind: str, n_classes: int) -> np.ndarray:
