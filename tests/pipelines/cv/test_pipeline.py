@@ -10,7 +10,12 @@ import pytest
 from kedro.runner import SequentialRunner
 
 from cassava_pipeline.datasets import CheckpointDataset, WorkDirDataset
-from cassava_pipeline.datasets.atomic import JSONDataset, ParquetDataset
+from cassava_pipeline.datasets.atomic import (
+    CSVDataset,
+    JSONDataset,
+    MatplotlibDataset,
+    ParquetDataset,
+)
 from cassava_pipeline.pipeline_registry import register_pipelines
 from cassava_pipeline.pipelines.cv import create_pipeline
 from cassava_pipeline.pipelines.ingest.pipeline import create_pipeline as ingest
@@ -59,6 +64,8 @@ def _fold_catalog(catalog, out: Path):
     catalog["oof_predictions"] = ParquetDataset(filepath=str(out / "oof.parquet"))
     catalog["cv_metrics"] = JSONDataset(filepath=str(out / "cv_metrics.json"))
     catalog["cv_held_out_metrics"] = JSONDataset(filepath=str(out / "cv_held_out.json"))
+    catalog["label_issues_plot"] = MatplotlibDataset(filepath=str(out / "label_issues.png"))
+    catalog["label_issues"] = CSVDataset(filepath=str(out / "label_issues.csv"))
     return catalog
 
 
@@ -108,6 +115,10 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     test = catalog["fold_0.held_out_predictions"].load()
     assert set(test["path"]) == set(folds.loc[folds["fold"] == HELD_OUT, "path"])
     assert not set(test["path"]) & set(oof["image"])
+    issues = catalog["label_issues"].load()
+    assert list(issues["rank"]) == list(range(1, len(issues) + 1))
+    assert set(issues["image"]) <= set(training["path"])
+    assert (out / "label_issues.png").stat().st_size > 5_000 or issues.empty
 
     # one fold alone: its finished stage is reused, the other fold's files are untouched
     other = out / "fold_0.frozen.pt"

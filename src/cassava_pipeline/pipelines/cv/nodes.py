@@ -10,10 +10,12 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 from annotated_types import Ge, Gt, Lt
+from matplotlib.figure import Figure
 from scipy.stats import bootstrap
 
-from cassava_pipeline.pipelines.evaluate.nodes import score
+from cassava_pipeline.pipelines.evaluate.nodes import InterpretParams, score
 from cassava_pipeline.validation import parse
+from cassava_pipeline.vision.data import CroppedItems
 from cassava_pipeline.vision.folds import (
     HELD_OUT,
     FoldOptions,
@@ -24,6 +26,7 @@ from cassava_pipeline.vision.folds import (
 from cassava_pipeline.vision.label_issues import label_issues
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
 from cassava_pipeline.vision.metrics import classification_metrics
+from cassava_pipeline.vision.plots import image_grid, short_name
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions
 
@@ -185,3 +188,23 @@ def held_out_report(data_report: dict[str, Any], *fold_predictions: pd.DataFrame
         report["fold_accuracy_mean"],
     )
     return report
+
+
+def label_issue_figure(
+    issues: pd.DataFrame, presized_images: ShardedImages, params: dict[str, Any]
+) -> Figure:
+    """The top suspects (``interpret.top_k`` of them), each with its given and suggested label
+    and the self-confidence: the images to look at first."""
+    top = issues.head(parse(InterpretParams, params).top_k)
+    position = {p: i for i, p in enumerate(presized_images.index["path"])}
+    crops = CroppedItems(presized_images, train=False, seed=0)
+    return image_grid(
+        [crops[(0, position[p])][0] for p in top["image"]],
+        [
+            f"given {short_name(g)} / suggested {short_name(s)} / {c:.2f}"
+            for g, s, c in zip(
+                top["given_label"], top["suggested_label"], top["self_confidence"], strict=True
+            )
+        ],
+        title=f"Suspected label issues: {len(top)} of {len(issues)} (cleanlab, out-of-fold)",
+    )

@@ -20,7 +20,14 @@ from kedro.pipeline import Node, Pipeline
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
 from cassava_pipeline.pipelines.train import pipeline as train
 
-from .nodes import fold_images, held_out_predictions, held_out_report, make_folds, out_of_fold
+from .nodes import (
+    fold_images,
+    held_out_predictions,
+    held_out_report,
+    label_issue_figure,
+    make_folds,
+    out_of_fold,
+)
 
 # What every fold reads unchanged: shared files, and the recipe's parameters.
 SHARED = {
@@ -121,6 +128,12 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
                 ],
                 "cv_held_out_metrics",
                 name="held_out_report",
+            ),
+            Node(
+                label_issue_figure,
+                ["label_issues", "large.presized_images", "params:interpret"],
+                "label_issues_plot",
+                name="label_issue_figure",
             ),
         ]
     )
