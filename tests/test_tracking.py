@@ -40,6 +40,20 @@ def test_epoch_logger_uses_global_steps_and_fills_gaps(store):
     assert EpochLogger.for_active_run(offset=0) is None  # no run, no logging
 
 
+def test_a_cv_folds_curves_keep_their_own_names(store):
+    uri, exp = store
+    with mlflow.start_run(experiment_id=exp) as run:
+        for fold, acc in (("fold_0/", 0.25), ("fold_1/", 0.75)):
+            tracker = EpochLogger.for_active_run(offset=0, prefix=fold)
+            tracker(_row(0, acc))
+            assert tracker.log_missing(pd.DataFrame([_row(0, acc), _row(1, acc)])) == 1
+    client = MlflowClient(uri)
+    for fold, acc in (("fold_0", 0.25), ("fold_1", 0.75)):
+        history = client.get_metric_history(run.info.run_id, f"{fold}/accuracy")
+        assert [(m.step, m.value) for m in history] == [(0, acc), (1, acc)]
+    assert "accuracy" not in client.get_run(run.info.run_id).data.metrics
+
+
 def test_a_store_that_cannot_be_written_warns_once_and_never_raises(tmp_path, caplog):
     tracker = EpochLogger(f"sqlite:///{tmp_path / 'no' / 'such' / 'folder.db'}", "no-run", 0)
     with caplog.at_level(logging.WARNING):

@@ -76,22 +76,23 @@ class EpochLogger:
     tracking_uri: str
     run_id: str
     offset: int
+    prefix: str = ""  # before each metric's name: "fold_2/" keeps a CV fold's curves apart
     disabled: bool = field(default=False)
     main_pid: int = field(default_factory=os.getpid)
 
     @classmethod
-    def for_active_run(cls, offset: int) -> EpochLogger | None:
+    def for_active_run(cls, offset: int, prefix: str = "") -> EpochLogger | None:
         run_id = active_run_id()
         if run_id is None:
             return None
-        return cls(mlflow.get_tracking_uri(), run_id, int(offset))
+        return cls(mlflow.get_tracking_uri(), run_id, int(offset), prefix)
 
     def _log(self, rows: list[dict[str, Any]]) -> None:
         if self.disabled or not rows:
             return
         now = int(time.time() * 1000)
         metrics = [
-            Metric(key, float(row[key]), now, self.offset + int(row["epoch"]))
+            Metric(self.prefix + key, float(row[key]), now, self.offset + int(row["epoch"]))
             for row in rows
             for key in EPOCH_METRICS
             if key in row and row[key] is not None and math.isfinite(float(row[key]))
@@ -123,7 +124,7 @@ class EpochLogger:
             return 0
         try:
             there = MlflowClient(tracking_uri=self.tracking_uri).get_metric_history(
-                self.run_id, "accuracy"
+                self.run_id, self.prefix + "accuracy"
             )
             logged = {m.step for m in there}
         except Exception:

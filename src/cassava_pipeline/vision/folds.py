@@ -110,4 +110,4 @@ def fold_view(shards: ShardedImages, folded: pd.DataFrame, fold: int) -> Sharded
     if not 0 <= fold < int(assigned.max()) + 1:
         raise FoldError(f"fold {fold} does not exist: the folds are 0 to {int(assigned.max())}")
     inside = np.flatnonzero(assigned != HELD_OUT)
-    return shards.subset(inside).resplit(assigned[inside] == fold)
+    return shards.subset(inside).resplit(assigned[inside] == fold, name=f"fold_{fold}")

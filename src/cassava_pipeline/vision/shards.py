@@ -130,6 +130,7 @@ class ShardedImages:
         self._label = full["label"].to_numpy()
         self._valid = full["is_valid"].to_numpy(dtype=bool)  # per row of the full index
         self._content = dict(self.meta["content"])
+        self.split_name = ""  # the name of a resplit view (a CV fold), for logs and metrics
         self._maps: dict[int, np.memmap] = {}
 
     @property
@@ -166,10 +167,10 @@ class ShardedImages:
         valid = self._valid[self._rows]
         return self.subset(np.flatnonzero(~valid)), self.subset(np.flatnonzero(valid))
 
-    def resplit(self, valid: np.ndarray) -> ShardedImages:
+    def resplit(self, valid: np.ndarray, name: str = "") -> ShardedImages:
         """This view with ``valid`` (one flag per image of it) as its validation side, e.g. a
-        cross-validation fold. Its content's ``split`` part digests exactly these images and
-        flags, so a model trained on one fold is never taken for another's."""
+        cross-validation fold, called ``name``. Its content's ``split`` part digests exactly
+        these images and flags, so a model trained on one fold is never taken for another's."""
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (len(self),):
             raise ValueError(f"resplit needs one flag per image ({len(self)}), got {valid.shape}")
@@ -180,6 +181,7 @@ class ShardedImages:
         parts = {k: v for k, v in self._content.items() if k != "digest"}
         parts["split"] = digest([paths, valid.tolist()])
         view._content = {**parts, "digest": digest(parts)}
+        view.split_name = name
         return view
 
     def subset(self, positions: np.ndarray) -> ShardedImages:

@@ -139,7 +139,9 @@ def train_stage(
     cfg = _resolve_lr(cfg, lr_find_result)
     logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.size)
     first_epoch = int(checkpoint.get("global_epochs", 0))  # epochs of the stages before
-    tracker = EpochLogger.for_active_run(offset=first_epoch)  # live curves in MLflow
+    # live curves in MLflow; a CV fold's under its own names (fold_2/accuracy)
+    fold = presized_images.split_name
+    tracker = EpochLogger.for_active_run(offset=first_epoch, prefix=f"{fold}/" if fold else "")
     result = train_in_fabric(
         checkpoint,
         presized_images,
