@@ -24,7 +24,9 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``data`` is the data half of the recipe (a DVC stage), ``train`` the training half,
     ``evaluate`` the TTA evaluation;
     ``cassava`` is the whole recipe and the default; ``cassava_predict`` predicts a folder of new
-    images with the exported model; ``sample_data`` draws the embedded sample.
+    images with the exported model; ``sample_data`` draws the embedded sample; ``cassava_cv``
+    cross-validates the recipe over ``cv.folds`` folds and ``cassava_cv_predict`` predicts with
+    their ensemble.
     """
     # Kedro warns (once per process) when a node reads a dataset of another namespace, here the
     # names its own pipeline(namespace=...) gave: "small.presized_images" for lr_find and the
@@ -35,7 +37,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         data = ingest.create_pipeline() + presize.create_pipeline()
         training = train.create_pipeline()
         evaluation = evaluate.create_pipeline()
-        cross_validation = data + initial() + cv.create_pipeline(folds=configured_folds())
+        folds = configured_folds()
+        cross_validation = data + initial() + cv.create_pipeline(folds=folds)
+        ensemble = cv.predict_pipeline(folds=folds)
     return {
         "sample_data": sample_data.create_pipeline(),
         "ingest": ingest.create_pipeline(),
@@ -46,6 +50,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "cassava": data + training + evaluation,
         "cassava_predict": predict.create_pipeline(),
         "cassava_cv": cross_validation,
+        "cassava_cv_predict": ensemble,
         "__default__": data + training + evaluation,
     }
 

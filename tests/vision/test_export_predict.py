@@ -145,3 +145,25 @@ def test_bytes_tta_and_chunks(test_images: Path):
     assert not np.allclose(with_tta.probabilities, plain.probabilities, atol=1e-6)
     empty = clf.predict([])
     assert empty.probabilities.shape == (0, 3) and empty.table().empty
+
+
+def _member(seed: int, class_ids=("0", "1", "2")):
+    ckpt = {**initial_checkpoint("resnet18", seed=seed), "recipe_version": "t", "stage": "mixup"}
+    return export_checkpoint(ckpt, class_ids=list(class_ids), augment=AUG, presize=40)
+
+
+def test_a_fold_ensemble_averages_its_members_probabilities(test_images: Path):
+    from cassava_pipeline.vision.predict import Ensemble
+
+    names = list_folder(test_images)
+    paths = [test_images / n for n in names]
+    members = [_member(1), _member(2), _member(3)]
+    tta_options = TtaOptions(n=2)
+    each = [Classifier(m).predict(paths, tta_options=tta_options, batch_size=3) for m in members]
+    together = Ensemble(members).predict(paths, tta_options=tta_options, batch_size=3)
+    assert together.names == each[0].names and together.errors == each[0].errors
+    mean = np.mean([p.probabilities for p in each], axis=0)
+    np.testing.assert_allclose(together.probabilities, mean, rtol=0, atol=1e-6)
+    assert not np.allclose(each[0].probabilities, each[1].probabilities)  # different members
+    with pytest.raises(ValueError, match="differ in class_ids"):
+        Ensemble([members[0], _member(4, class_ids=("a", "b", "c"))])

@@ -193,7 +193,6 @@ class Classifier:
             raise ValueError(f"{len(names)} names for {len(images)} images")
         workers = resolve_workers(workers)
         loader = LoaderOptions(batch_size=batch_size, num_workers=0, pin_memory=False)
-        augment, stats = self.card.augment_options(), self.card.stats
         kept_all: list[str] = []
         probs_all: list[torch.Tensor] = []
         errors_all: list[tuple[str, str]] = []
@@ -204,20 +203,58 @@ class Classifier:
             errors_all += errors
             if not arrays:
                 continue
-            decoded = DecodedImages(arrays, self.card.presize)
-            if tta_options is None:
-                probs, _ = predict(
-                    self.model, decoded, stats, augment, loader, train_transforms=False,
-                    device=self.device,
-                )  # fmt: skip
-            else:
-                probs = tta(
-                    self.model, decoded, stats, augment, loader, tta_options, device=self.device
-                )["tta"]
             kept_all += kept
-            probs_all.append(probs)
+            probs_all.append(
+                self.probabilities(DecodedImages(arrays, self.card.presize), loader, tta_options)
+            )
         n_classes = len(self.card.classes)
         probabilities = (
             torch.cat(probs_all).numpy() if probs_all else np.zeros((0, n_classes), np.float32)
         )
         return Predictions(kept_all, probabilities, errors_all, self.classes, self.card.class_ids)
+
+    def probabilities(
+        self, decoded: DecodedImages, loader: LoaderOptions, tta_options: TtaOptions | None
+    ) -> torch.Tensor:
+        """This model's probabilities of decoded images: fastai's TTA, or the plain pass."""
+        augment, stats = self.card.augment_options(), self.card.stats
+        if tta_options is None:
+            probs, _ = predict(
+                self.model, decoded, stats, augment, loader, train_transforms=False,
+                device=self.device,
+            )  # fmt: skip
+            return probs
+        return tta(self.model, decoded, stats, augment, loader, tta_options, device=self.device)[
+            "tta"
+        ]
+
+
+class Ensemble(Classifier):
+    """Several exported models of one recipe (a cross-validation's folds) as one classifier:
+    the images are decoded once, each model predicts them (with TTA when asked) and their
+    probabilities are averaged."""
+
+    # what the models must share: the same classes, and one decoding of the images for all
+    SHARED = ("classes", "class_ids", "presize", "max_image_pixels", "jpeg_draft")
+
+    def __init__(self, members: Sequence[ExportedModel], *, device: str | torch.device = "cpu"):
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = [Classifier(m, device=device) for m in members]
+        first = self.members[0].card
+        for m in self.members[1:]:
+            differs = [k for k in self.SHARED if getattr(m.card, k) != getattr(first, k)]
+            if differs:
+                raise ValueError(
+                    f"the ensemble's models differ in {', '.join(differs)}: they must come from "
+                    "one cross-validation run (kedro run --pipelines=cassava_cv)"
+                )
+        self.card = first
+        self.device = torch.device(device)
+
+    def probabilities(
+        self, decoded: DecodedImages, loader: LoaderOptions, tta_options: TtaOptions | None
+    ) -> torch.Tensor:
+        return torch.stack(
+            [m.probabilities(decoded, loader, tta_options) for m in self.members]
+        ).mean(0)

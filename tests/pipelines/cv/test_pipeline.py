@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from kedro.io import MemoryDataset
 from kedro.runner import SequentialRunner
 
-from cassava_pipeline.datasets import CheckpointDataset, WorkDirDataset
+from cassava_pipeline.datasets import CheckpointDataset, ExportedModelDataset, WorkDirDataset
 from cassava_pipeline.datasets.atomic import (
     CSVDataset,
     JSONDataset,
@@ -17,12 +19,14 @@ from cassava_pipeline.datasets.atomic import (
     ParquetDataset,
 )
 from cassava_pipeline.pipeline_registry import register_pipelines
-from cassava_pipeline.pipelines.cv import create_pipeline
+from cassava_pipeline.pipelines.cv import create_pipeline, predict_pipeline
 from cassava_pipeline.pipelines.ingest.pipeline import create_pipeline as ingest
 from cassava_pipeline.pipelines.presize.pipeline import create_pipeline as presize
 from cassava_pipeline.pipelines.train.pipeline import STAGES, initial
 from cassava_pipeline.vision.folds import HELD_OUT, fold_view
+from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.shards import ShardedImages
+from cassava_pipeline.vision.tta import TtaOptions
 from tests.pipelines.conftest import make_catalog, shrink_training
 
 FOLDS = 2
@@ -60,6 +64,7 @@ def _fold_catalog(catalog, out: Path):
         catalog[f"{f}.held_out_predictions"] = ParquetDataset(
             filepath=str(out / f"{f}_held_out.parquet")
         )
+        catalog[f"{f}.exported_model"] = ExportedModelDataset(path=str(out / f"{f}.safetensors"))
     catalog["cv_folds"] = ParquetDataset(filepath=str(out / "cv_folds.parquet"))
     catalog["oof_predictions"] = ParquetDataset(filepath=str(out / "oof.parquet"))
     catalog["cv_metrics"] = JSONDataset(filepath=str(out / "cv_metrics.json"))
@@ -119,6 +124,29 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     assert list(issues["rank"]) == list(range(1, len(issues) + 1))
     assert set(issues["image"]) <= set(training["path"])
     assert (out / "label_issues.png").stat().st_size > 5_000 or issues.empty
+
+    # the fold ensemble predicts a folder: the mean of the fold models' TTA probabilities
+    catalog["predict_images"] = MemoryDataset(kaggle_dir / "train_images", copy_mode="assign")
+    for name in ("cv_test_predictions", "cv_submission"):
+        catalog[name] = CSVDataset(filepath=str(out / f"{name}.csv"), save_args={"index": False})
+    catalog["cv_predict_report"] = JSONDataset(filepath=str(out / "cv_predict_report.json"))
+    SequentialRunner().run(predict_pipeline(folds=FOLDS), catalog)
+    submission = pd.read_csv(out / "cv_submission.csv")
+    assert len(submission) == 18 and set(submission["label"]) <= {0, 1, 2}
+    report = catalog["cv_predict_report"].load()
+    assert report["model"]["members"] == FOLDS and report["n_predicted"] == 18
+    table = pd.read_csv(out / "cv_test_predictions.csv")
+    members = [Classifier(catalog[f"fold_{k}.exported_model"].load()) for k in range(FOLDS)]
+    folder = kaggle_dir / "train_images"
+    names = list_folder(folder)
+    each = [  # as the node predicts: the same images, batches and TTA draws, model by model
+        m.predict(
+            [folder / n for n in names], names=names, tta_options=TtaOptions(n=2), batch_size=64
+        )
+        for m in members
+    ]
+    mean = np.mean([p.probabilities for p in each], axis=0)
+    np.testing.assert_allclose(table[["p_0", "p_1", "p_2"]].to_numpy(), mean, atol=1e-5)
 
     # one fold alone: its finished stage is reused, the other fold's files are untouched
     other = out / "fold_0.frozen.pt"

@@ -18,6 +18,7 @@ from functools import partial, update_wrapper
 from kedro.pipeline import Node, Pipeline
 
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
+from cassava_pipeline.pipelines.predict.nodes import predict_with_ensemble
 from cassava_pipeline.pipelines.train import pipeline as train
 
 from .nodes import (
@@ -138,3 +139,25 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
         ]
     )
     return cut + sum((fold_pipeline(k) for k in range(folds)), Pipeline([])) + gather
+
+
+def predict_pipeline(folds: int = 5) -> Pipeline:
+    """cassava_cv_predict: the fold ensemble on a folder of new images (``predict.images``), its
+    probabilities the mean of the folds' TTA probabilities; Kaggle's submission as
+    ``cv_submission``."""
+    return Pipeline(
+        [
+            Node(
+                predict_with_ensemble,
+                [
+                    "predict_images",
+                    "params:predict",
+                    "params:tta",
+                    "params:runtime",
+                    *(f"{fold_name(k)}.exported_model" for k in range(folds)),
+                ],
+                ["cv_test_predictions", "cv_submission", "cv_predict_report"],
+                name="predict_with_ensemble",
+            )
+        ]
+    )

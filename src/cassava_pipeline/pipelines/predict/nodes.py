@@ -15,7 +15,7 @@ from cassava_pipeline.vision.export import ExportedModel
 from cassava_pipeline.vision.layouts import LayoutError
 from cassava_pipeline.vision.learner import RuntimeConfig
 from cassava_pipeline.vision.options import STRICT, NonNegativeInt, PositiveInt
-from cassava_pipeline.vision.predict import Classifier, list_folder
+from cassava_pipeline.vision.predict import Classifier, Ensemble, list_folder
 from cassava_pipeline.vision.run import inference_device
 from cassava_pipeline.vision.tta import TtaOptions
 
@@ -47,6 +47,28 @@ def predict_images(
 
     An unreadable image is logged and reported; it never stops the run.
     """
+    return _predict_folder([model], images_root, params, tta_params, runtime_params)
+
+
+def predict_with_ensemble(
+    images_root: Path,
+    params: dict[str, Any],
+    tta_params: dict[str, Any],
+    runtime_params: dict[str, Any],
+    *models: ExportedModel,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """As :func:`predict_images`, with the cross-validation's fold models: each image's
+    probabilities are the mean of the folds' (TTA) probabilities."""
+    return _predict_folder(list(models), images_root, params, tta_params, runtime_params)
+
+
+def _predict_folder(
+    models: list[ExportedModel],
+    images_root: Path,
+    params: dict[str, Any],
+    tta_params: dict[str, Any],
+    runtime_params: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     if not images_root.is_dir():
         raise LayoutError(
             f"predict.images: {images_root} is not a folder. Give a folder of photos: "
@@ -57,7 +79,9 @@ def predict_images(
     options = parse(TtaOptions, tta_params) if predict.tta else None
     runtime = parse(RuntimeConfig, runtime_params)
     allocator.apply(runtime.malloc)
-    classifier = Classifier(model, device=inference_device(runtime.accelerator))
+    device = inference_device(runtime.accelerator)
+    one = len(models) == 1
+    classifier = Classifier(models[0], device=device) if one else Ensemble(models, device=device)
     out = classifier.predict(
         [images_root / n for n in names],
         names=names,
@@ -72,6 +96,7 @@ def predict_images(
         logger.warning("%s holds no files: the submission is empty", images_root)
     table = out.table()
     counts = table["label"].value_counts()
+    card = classifier.card
     report = {
         "folder": str(images_root),
         "n_files": len(names),
@@ -79,13 +104,14 @@ def predict_images(
         "n_skipped": len(out.errors),
         "skipped": [{"path": n, "reason": r} for n, r in out.errors],
         "tta": None if options is None else {"n": options.n, "beta": options.beta},
-        "predicted_counts": {cid: int(counts.get(cid, 0)) for cid in model.card.class_ids},
+        "predicted_counts": {cid: int(counts.get(cid, 0)) for cid in card.class_ids},
         "model": {
-            "arch": model.card.arch,
-            "stage": model.card.stage,
-            "recipe_version": model.card.recipe_version,
-            "image_size": model.card.image_size,
-            "presize": model.card.presize,
+            "arch": card.arch,
+            "stage": card.stage,
+            "recipe_version": card.recipe_version,
+            "image_size": card.image_size,
+            "presize": card.presize,
+            "members": len(models),  # > 1: a fold ensemble, probabilities averaged
         },
     }
     logger.info(
