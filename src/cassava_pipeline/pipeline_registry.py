@@ -9,7 +9,7 @@ from pathlib import Path
 from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 
-from cassava_pipeline.config import merged_config
+from cassava_pipeline.config import LOADER_ARGS, ProjectConfigLoader
 from cassava_pipeline.pipelines import cv, evaluate, ingest, predict, presize, sample_data, train
 from cassava_pipeline.pipelines.cv.nodes import CvParams
 from cassava_pipeline.pipelines.train.pipeline import initial
@@ -61,5 +61,5 @@ def configured_folds() -> int:
     conf = Path(settings.CONF_SOURCE)
     if not conf.is_dir():  # a pipeline listed outside the project (kedro-viz, docs)
         return CvParams().folds
-    params = merged_config(conf, os.environ.get("KEDRO_ENV"))
-    return parse(CvParams, params.get("cv", {})).folds
+    loader = ProjectConfigLoader(str(conf), env=os.environ.get("KEDRO_ENV"), **LOADER_ARGS)
+    return parse(CvParams, loader["parameters"].get("cv", {})).folds  # the parameters alone

@@ -21,7 +21,6 @@ from cassava_pipeline.vision.folds import (
     FoldOptions,
     assign_folds,
     fold_report,
-    fold_view,
 )
 from cassava_pipeline.vision.label_issues import label_issues
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
@@ -59,11 +58,6 @@ def make_folds(
         report["held_out"],
     )
     return folded[["path", "label", "fold"]], report
-
-
-def fold_images(shards: ShardedImages, cv_folds: pd.DataFrame, fold: int) -> ShardedImages:
-    """``shards`` as fold ``fold`` sees them: the other folds train, this one validates."""
-    return fold_view(shards, cv_folds, fold)
 
 
 def out_of_fold(

@@ -20,9 +20,9 @@ from kedro.pipeline import Node, Pipeline
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
 from cassava_pipeline.pipelines.predict.nodes import predict_with_ensemble
 from cassava_pipeline.pipelines.train import pipeline as train
+from cassava_pipeline.vision.folds import fold_view
 
 from .nodes import (
-    fold_images,
     held_out_predictions,
     held_out_report,
     label_issue_figure,
@@ -55,7 +55,7 @@ def fold_pipeline(k: int) -> Pipeline:
     """Fold ``k``: its views of the shards, the recipe on them, the evaluation of its fold."""
     views = [
         Node(
-            update_wrapper(partial(fold_images, fold=k), fold_images),
+            update_wrapper(partial(fold_view, fold=k), fold_view),  # the other folds train
             [f"{size}.presized_images", "cv_folds"],
             f"{size}_view",
             name=f"{size}_view",
