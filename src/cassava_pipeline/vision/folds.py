@@ -24,6 +24,11 @@ from .shards import ShardedImages
 HELD_OUT = -1  # the fold of the split's validation side
 
 
+def fold_name(k: int) -> str:
+    """Fold ``k``'s name: its view's, its Kedro namespace's, its MLflow metrics' prefix."""
+    return f"fold_{k}"
+
+
 class FoldError(ValueError):
     """The training side cannot be cut into the folds asked for; the message says what to do."""
 
@@ -110,4 +115,4 @@ def fold_view(shards: ShardedImages, folded: pd.DataFrame, fold: int) -> Sharded
     if not 0 <= fold < int(assigned.max()) + 1:
         raise FoldError(f"fold {fold} does not exist: the folds are 0 to {int(assigned.max())}")
     inside = np.flatnonzero(assigned != HELD_OUT)
-    return shards.subset(inside).resplit(assigned[inside] == fold, name=f"fold_{fold}")
+    return shards.subset(inside).resplit(assigned[inside] == fold, name=fold_name(fold))

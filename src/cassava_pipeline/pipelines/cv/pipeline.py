@@ -20,7 +20,7 @@ from kedro.pipeline import Node, Pipeline
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
 from cassava_pipeline.pipelines.predict.nodes import predict_with_ensemble
 from cassava_pipeline.pipelines.train import pipeline as train
-from cassava_pipeline.vision.folds import fold_view
+from cassava_pipeline.vision.folds import fold_name, fold_view
 
 from .nodes import (
     held_out_predictions,
@@ -45,10 +45,6 @@ PARAMETERS = {
     "params:large.presize",
     *(f"params:{stage}.train" for stage in train.STAGES),
 }
-
-
-def fold_name(k: int) -> str:
-    return f"fold_{k}"
 
 
 def fold_pipeline(k: int) -> Pipeline:
