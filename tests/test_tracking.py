@@ -40,11 +40,11 @@ def test_epoch_logger_uses_global_steps_and_fills_gaps(store):
     assert EpochLogger.for_active_run(offset=0) is None  # no run, no logging
 
 
-def test_a_cv_folds_curves_keep_their_own_names(store):
+def test_a_cv_folds_curves_keep_their_own_names_in_a_run_without_fold_runs(store):
     uri, exp = store
     with mlflow.start_run(experiment_id=exp) as run:
         for fold, acc in (("fold_0/", 0.25), ("fold_1/", 0.75)):
-            tracker = EpochLogger.for_active_run(offset=0, prefix=fold)
+            tracker = EpochLogger.for_active_run(offset=0, fold=fold.rstrip("/"))
             tracker(_row(0, acc))
             assert tracker.log_missing(pd.DataFrame([_row(0, acc), _row(1, acc)])) == 1
     client = MlflowClient(uri)

@@ -3,6 +3,7 @@
 from cassava_pipeline.config import LOADER_ARGS, ProjectConfigLoader
 from cassava_pipeline.hooks import (
     DistributedHooks,
+    FoldRunsHooks,
     KedroMlflowHooks,
     MirrorEndHooks,
     NodeTimesHooks,
@@ -26,6 +27,7 @@ HOOKS = (
     DistributedHooks(),
     RunLockHooks(),
     TrackingHooks(),
+    FoldRunsHooks(),  # one nested MLflow run per cross-validation fold
     NodeTimesHooks(),
     MirrorEndHooks(),
     KedroMlflowHooks(),

@@ -43,6 +43,7 @@ from cassava_pipeline.vision.provenance import versions
 logger = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("train_loss", "valid_loss", "accuracy", "lr")
+FOLD_TAG = "cv_fold"  # a cross-validation fold's child run (hooks/fold_runs.py): its fold
 TRACKED_PACKAGES = (
     "torch",
     "torchvision",
@@ -63,6 +64,21 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
+def fold_run_id(parent_id: str, fold: str) -> str | None:
+    """The child run of ``parent_id`` that records cross-validation fold ``fold``, or None."""
+    try:
+        experiment_id = mlflow.get_run(parent_id).info.experiment_id
+        runs = MlflowClient().search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+            f"and tags.`{FOLD_TAG}` = '{fold}'",
+            max_results=1,
+        )
+    except Exception:  # tracking never fails the training: the fold logs into the parent
+        return None
+    return runs[0].info.run_id if runs else None
+
+
 @dataclass
 class EpochLogger:
     """Logs a training stage's epoch rows to one MLflow run, at step ``offset + epoch``.
@@ -76,16 +92,23 @@ class EpochLogger:
     tracking_uri: str
     run_id: str
     offset: int
-    prefix: str = ""  # before each metric's name: "fold_2/" keeps a CV fold's curves apart
+    prefix: str = ""  # before each metric's name ("fold_2/": a fold logging into the parent)
     disabled: bool = field(default=False)
     main_pid: int = field(default_factory=os.getpid)
 
     @classmethod
-    def for_active_run(cls, offset: int, prefix: str = "") -> EpochLogger | None:
+    def for_active_run(cls, offset: int, fold: str = "") -> EpochLogger | None:
+        """For the active run; a cross-validation fold's epochs go to the fold's child run
+        (:mod:`cassava_pipeline.hooks.fold_runs`), or under ``<fold>/`` names in the active
+        run where the fold has none."""
         run_id = active_run_id()
         if run_id is None:
             return None
-        return cls(mlflow.get_tracking_uri(), run_id, int(offset), prefix)
+        uri, offset = mlflow.get_tracking_uri(), int(offset)
+        if not fold:
+            return cls(uri, run_id, offset)
+        child = fold_run_id(run_id, fold)
+        return cls(uri, child, offset) if child else cls(uri, run_id, offset, f"{fold}/")
 
     def _log(self, rows: list[dict[str, Any]]) -> None:
         if self.disabled or not rows:

@@ -6,7 +6,9 @@ import copy
 from pathlib import Path
 
 import pytest
+from kedro.framework.hooks.specs import DatasetSpecs, NodeSpecs, PipelineSpecs
 from kedro.io import DataCatalog, MemoryDataset
+from pluggy import PluginManager
 
 from cassava_pipeline.config import ProjectConfigLoader
 from cassava_pipeline.datasets import (
@@ -100,3 +102,14 @@ def shrink_training(params: dict, *, arch: str = "tf_efficientnet_lite0") -> dic
         p.update(epochs=1, size=32)
         p["loader"].update(batch_size=4, num_workers=0)
     return params
+
+
+def hook_manager(*hooks) -> PluginManager:
+    """Kedro's hook specifications with ``hooks`` registered, for a runner's ``hook_manager``
+    (the session's before/after_pipeline_run are then the test's to call)."""
+    manager = PluginManager("kedro")
+    for spec in (NodeSpecs, PipelineSpecs, DatasetSpecs):
+        manager.add_hookspecs(spec)
+    for hook in hooks:
+        manager.register(hook)
+    return manager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ from cassava_pipeline.vision.dist import (
     rank,
     report_failure,
 )
+from cassava_pipeline.vision.folds import fold_name, fold_number
 
 logger = logging.getLogger(__name__)
-
-FOLD_NAMESPACE = re.compile(r"fold_\d+")  # cassava_cv's fold_<k> (pipelines/cv)
 
 
 class DistributedHooks:
@@ -107,19 +105,16 @@ class ParametersHooks:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         """cassava_cv has one namespace per fold, built from the parameter files before Kedro
         reads ``--params``: a ``cv.folds`` the run's pipeline was not built with is refused."""
-        built = {
-            n.namespace.split(".")[0]
-            for n in pipeline.nodes
-            if n.namespace and FOLD_NAMESPACE.fullmatch(n.namespace.split(".")[0])
-        }
+        built = {k for n in pipeline.nodes if (k := fold_number(n.namespace)) is not None}
+        names = ", ".join(fold_name(k) for k in sorted(built))
         whole = any(n.name == "make_folds" for n in pipeline.nodes)
         if self._folds is None or not built:
             return
-        beyond = sorted(b for b in built if int(b.split("_")[1]) >= self._folds)
+        beyond = sorted(k for k in built if k >= self._folds)
         if beyond or (whole and len(built) != self._folds):
             raise ParameterError(
                 f"cv.folds is {self._folds}, but this run's pipeline holds the namespaces "
-                f"{', '.join(sorted(built))}: Kedro builds cassava_cv's folds from the "
+                f"{names}: Kedro builds cassava_cv's folds from the "
                 "parameter files (conf/base and the environment KEDRO_ENV names) before it reads "
                 "--params. Set cv.folds in conf/<env>/parameters_cv.yml and run with "
                 "KEDRO_ENV=<env>."

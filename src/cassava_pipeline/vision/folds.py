@@ -9,6 +9,7 @@ the random one) takes fold ``-1``: a held-out test that no fold trains or valida
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Annotated
@@ -25,8 +26,15 @@ HELD_OUT = -1  # the fold of the split's validation side
 
 
 def fold_name(k: int) -> str:
-    """Fold ``k``'s name: its view's, its Kedro namespace's, its MLflow metrics' prefix."""
+    """Fold ``k``'s name: its view's, its Kedro namespace's, its MLflow run's."""
     return f"fold_{k}"
+
+
+def fold_number(name: str | None) -> int | None:
+    """``k`` for a name ``fold_name(k)`` gave, or for a namespace under it (``fold_2.frozen``);
+    None for any other name."""
+    match = re.fullmatch(r"fold_(\d+)", (name or "").split(".")[0])
+    return int(match.group(1)) if match else None
 
 
 class FoldError(ValueError):

@@ -8,9 +8,14 @@ cleanlab's method, called as documented, not a hand-written ranking.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
+
+from .folds import HELD_OUT
+from .shards import ShardedImages
 
 ISSUE_COLUMNS = ("image", "given_label", "suggested_label", "self_confidence", "rank")
 
@@ -43,4 +48,80 @@ def label_issues(
             "self_confidence": p[ranked, labels[ranked]],
             "rank": np.arange(1, len(ranked) + 1),
         }
+    )
+
+
+LabelAction = Literal["keep", "drop", "relabel"]
+
+
+def revise_labels(
+    folded: pd.DataFrame, issues: pd.DataFrame, classes: list[str], action: LabelAction
+) -> pd.DataFrame:
+    """What a training round does with the suspects of :func:`label_issues`: every image of
+    ``folded`` (``path, label, fold``; fold -1 the held-out side) as ``path, label, is_valid,
+    revision``: ``keep`` leaves the labels as given, ``drop`` marks the suspects ``dropped``
+    (they do not train), ``relabel`` gives them the suggested label (``relabelled``). The
+    held-out side is never revised: it validates, with its labels as given.
+
+    The suspects must be training images whose given label is still theirs; otherwise the
+    issues were found on other folds or labels, and revising with them would be wrong.
+    """
+    revision = pd.DataFrame(
+        {
+            "path": folded["path"].astype(str).to_numpy(),
+            "label": folded["label"].to_numpy(dtype=np.int64),
+            "is_valid": (folded["fold"] == HELD_OUT).to_numpy(),
+            "revision": "",
+        }
+    )
+    if action == "keep" or issues.empty:
+        return revision
+    training = pd.Series(
+        np.flatnonzero(~revision["is_valid"]), index=revision.loc[~revision["is_valid"], "path"]
+    )
+    found = training.reindex(issues["image"].astype(str))
+    rows = found.fillna(-1).to_numpy(dtype=np.int64)
+    given = [classes[i] if i >= 0 else None for i in revision["label"].to_numpy()[rows]]
+    wrong = [
+        image
+        for image, row, was, now in zip(
+            issues["image"], rows, issues["given_label"].astype(str), given, strict=True
+        )
+        if row < 0 or was != now
+    ]
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} label issue(s) are not training images with the label given there "
+            f"(e.g. {wrong[0]}): they were found on other folds or labels. Rerun the "
+            "cross-validation (kedro run --pipelines=cassava_cv) before revising labels."
+        )
+    if action == "drop":
+        revision.loc[rows, "revision"] = "dropped"
+    else:
+        unknown = set(issues["suggested_label"]) - set(classes)
+        if unknown:
+            raise ValueError(f"suggested labels {sorted(unknown)} are not classes {classes}")
+        suggested = [classes.index(c) for c in issues["suggested_label"]]
+        revision.loc[rows, "label"] = suggested
+        revision.loc[rows, "revision"] = "relabelled"
+    return revision
+
+
+def revised_view(shards: ShardedImages, revision: pd.DataFrame, name: str) -> ShardedImages:
+    """The images of ``shards`` as :func:`revise_labels` left them: the dropped ones out, the
+    revised labels in, the held-out side as validation; a view called ``name`` over the same
+    shard files (nothing copied), whose ``split`` digest covers the labels it trains on."""
+    by_path = revision.set_index("path")
+    paths = shards.index["path"].astype(str)
+    missing = ~paths.isin(by_path.index)
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} presized image(s) are not in the label revision (e.g. "
+            f"{paths[missing].iat[0]}): it was made from another split; rerun the "
+            "cross-validation (kedro run --pipelines=cassava_cv)."
+        )
+    rows = by_path.loc[paths]
+    kept = np.flatnonzero((rows["revision"] != "dropped").to_numpy())
+    return shards.subset(kept).resplit(
+        rows["is_valid"].to_numpy()[kept], name=name, labels=rows["label"].to_numpy()[kept]
     )

@@ -154,6 +154,7 @@ class ShardedImages:
         """Index rows (path, label, is_valid, size, shard, offset, ...) of this view."""
         rows = self._full_index.iloc[self._rows].reset_index(drop=True)
         rows["is_valid"] = self._valid[self._rows]  # a resplit view's own sides
+        rows["label"] = self._label[self._rows]  # and labels
         return rows
 
     @property
@@ -167,10 +168,13 @@ class ShardedImages:
         valid = self._valid[self._rows]
         return self.subset(np.flatnonzero(~valid)), self.subset(np.flatnonzero(valid))
 
-    def resplit(self, valid: np.ndarray, name: str = "") -> ShardedImages:
+    def resplit(
+        self, valid: np.ndarray, name: str = "", labels: np.ndarray | None = None
+    ) -> ShardedImages:
         """This view with ``valid`` (one flag per image of it) as its validation side, e.g. a
-        cross-validation fold, called ``name``. Its content's ``split`` part digests exactly
-        these images and flags, so a model trained on one fold is never taken for another's."""
+        cross-validation fold, called ``name``; ``labels`` (one per image) replace the labels
+        (revised labels). Its content's ``split`` part digests exactly these images, flags and
+        labels, so a model trained on one fold is never taken for another's."""
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != (len(self),):
             raise ValueError(f"resplit needs one flag per image ({len(self)}), got {valid.shape}")
@@ -180,6 +184,14 @@ class ShardedImages:
         paths = self._full_index["path"].to_numpy()[self._rows].astype(str).tolist()
         parts = {k: v for k, v in self._content.items() if k != "digest"}
         parts["split"] = digest([paths, valid.tolist()])
+        if labels is not None:
+            labels = np.asarray(labels, dtype=self._label.dtype)
+            outside = (labels < 0) | (labels >= len(self.classes))
+            if labels.shape != (len(self),) or outside.any():
+                raise ValueError(f"resplit needs one label of 0..{len(self.classes) - 1} per image")
+            view._label = self._label.copy()
+            view._label[self._rows] = labels
+            parts["split"] = digest([paths, valid.tolist(), labels.tolist()])
         view._content = {**parts, "digest": digest(parts)}
         view.split_name = name
         return view

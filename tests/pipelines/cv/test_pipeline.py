@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from kedro.io import MemoryDataset
 from kedro.runner import SequentialRunner
+from mlflow.tracking import MlflowClient
 
 from cassava_pipeline.datasets import CheckpointDataset, ExportedModelDataset, WorkDirDataset
 from cassava_pipeline.datasets.atomic import (
@@ -18,16 +20,18 @@ from cassava_pipeline.datasets.atomic import (
     MatplotlibDataset,
     ParquetDataset,
 )
+from cassava_pipeline.hooks import FoldRunsHooks
 from cassava_pipeline.pipeline_registry import register_pipelines
 from cassava_pipeline.pipelines.cv import create_pipeline, predict_pipeline
 from cassava_pipeline.pipelines.ingest.pipeline import create_pipeline as ingest
 from cassava_pipeline.pipelines.presize.pipeline import create_pipeline as presize
 from cassava_pipeline.pipelines.train.pipeline import STAGES, initial
+from cassava_pipeline.tracking import FOLD_TAG
 from cassava_pipeline.vision.folds import HELD_OUT, fold_view
 from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions
-from tests.pipelines.conftest import make_catalog, shrink_training
+from tests.pipelines.conftest import hook_manager, make_catalog, shrink_training
 
 FOLDS = 2
 # Kedro's note on dotted dataset names: the dots are its namespacing (pipeline_registry.py)
@@ -76,7 +80,7 @@ def _fold_catalog(catalog, out: Path):
 
 @pytest.mark.slow
 def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_it(
-    kaggle_dir: Path, params, tmp_path: Path
+    kaggle_dir: Path, params, tmp_path: Path, store
 ):
     params = shrink_training(params)
     for stage in ("unfrozen", "mixup"):  # the frozen stage alone: the fold logic is the point
@@ -86,7 +90,11 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     out = tmp_path / "out"
     catalog = _fold_catalog(make_catalog(kaggle_dir, params, out), out)
     pipe = ingest() + presize() + initial() + create_pipeline(folds=FOLDS)
-    SequentialRunner().run(pipe, catalog)
+    catalog["parameters"] = MemoryDataset(params)
+    hooks = hook_manager(FoldRunsHooks())
+    with mlflow.start_run() as parent:  # kedro-mlflow's run, and each fold's run under it
+        hooks.hook.before_pipeline_run(run_params={}, pipeline=pipe, catalog=catalog)
+        SequentialRunner().run(pipe, catalog, hook_manager=hooks)
 
     folds = catalog["cv_folds"].load()
     oof = catalog["oof_predictions"].load()
@@ -120,6 +128,25 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     test = catalog["fold_0.held_out_predictions"].load()
     assert set(test["path"]) == set(folds.loc[folds["fold"] == HELD_OUT, "path"])
     assert not set(test["path"]) & set(oof["image"])
+    summary = catalog["cv_final_metrics"].load()  # the parent run's cv.* metrics
+    assert summary["accuracy"]["value"] == metrics["accuracy"]
+    assert summary["label_issues"]["value"] == metrics["label_issues"]
+    assert summary["held_out_ensemble_accuracy"]["value"] == held_out["ensemble_accuracy"]
+    client = MlflowClient()
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    assert sorted(r.data.tags[FOLD_TAG] for r in runs) == ["fold_0", "fold_1"]
+    for run in runs:  # each fold's curves, parameters and evaluation in its own run
+        assert run.info.status == "FINISHED"
+        epochs = params["frozen"]["train"]["epochs"]
+        assert len(client.get_metric_history(run.info.run_id, "accuracy")) == epochs
+        assert run.data.params["frozen.train.epochs"] == str(epochs)
+        fold = int(run.data.params["cv.fold"])
+        assert run.data.metrics["final_metrics.tta_accuracy"] == pytest.approx(
+            metrics["fold_accuracy"][fold], abs=1e-6
+        )
     issues = catalog["label_issues"].load()
     assert list(issues["rank"]) == list(range(1, len(issues) + 1))
     assert set(issues["image"]) <= set(training["path"])

@@ -184,6 +184,25 @@ def held_out_report(data_report: dict[str, Any], *fold_predictions: pd.DataFrame
     return report
 
 
+def cv_summary(cv_metrics: dict[str, Any], held_out: dict[str, Any]) -> dict[str, Any]:
+    """What the folds show together, as the run's MLflow metrics (``cv.*``): the out-of-fold
+    accuracy and its interval, the folds' spread, the label-issue count, and the held-out
+    accuracy of the fold ensemble beside the mean single fold's."""
+    low, high = cv_metrics["interval"]
+    values = {
+        "accuracy": cv_metrics["accuracy"],
+        "accuracy_low": low,
+        "accuracy_high": high,
+        "fold_accuracy_mean": cv_metrics["fold_accuracy_mean"],
+        "fold_accuracy_std": cv_metrics["fold_accuracy_std"],
+        "label_issues": cv_metrics["label_issues"],
+    }
+    if held_out.get("n_images"):
+        values["held_out_ensemble_accuracy"] = held_out["ensemble_accuracy"]
+        values["held_out_fold_accuracy_mean"] = held_out["fold_accuracy_mean"]
+    return {name: {"value": float(v), "step": 0} for name, v in values.items()}
+
+
 def label_issue_figure(
     issues: pd.DataFrame, presized_images: ShardedImages, params: dict[str, Any]
 ) -> Figure:

@@ -23,6 +23,7 @@ from cassava_pipeline.pipelines.train import pipeline as train
 from cassava_pipeline.vision.folds import fold_name, fold_view
 
 from .nodes import (
+    cv_summary,
     held_out_predictions,
     held_out_report,
     label_issue_figure,
@@ -125,6 +126,12 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
                 ],
                 "cv_held_out_metrics",
                 name="held_out_report",
+            ),
+            Node(
+                cv_summary,
+                ["cv_metrics", "cv_held_out_metrics"],
+                "cv_final_metrics",
+                name="cv_summary",
             ),
             Node(
                 label_issue_figure,

@@ -139,9 +139,8 @@ def train_stage(
     cfg = _resolve_lr(cfg, lr_find_result)
     logger.info("%s: %d epochs at lr %s, size %d", name, cfg.epochs, cfg.lr, cfg.size)
     first_epoch = int(checkpoint.get("global_epochs", 0))  # epochs of the stages before
-    # live curves in MLflow; a CV fold's under its own names (fold_2/accuracy)
-    fold = presized_images.split_name
-    tracker = EpochLogger.for_active_run(offset=first_epoch, prefix=f"{fold}/" if fold else "")
+    # live curves in MLflow; a CV fold's in the fold's own run
+    tracker = EpochLogger.for_active_run(offset=first_epoch, fold=presized_images.split_name)
     result = train_in_fabric(
         checkpoint,
         presized_images,
