@@ -56,3 +56,62 @@ def test_shapes_that_do_not_fit_are_named():
         label_issues(images, given, probs[:, :4], CLASSES)
     empty = label_issues([], np.array([], dtype=int), np.zeros((0, 5)), CLASSES)
     assert isinstance(empty, pd.DataFrame) and empty.empty
+
+
+def test_a_revision_keeps_drops_or_relabels_the_suspects_only(tmp_path):
+    from cassava_pipeline.vision.folds import FoldOptions, assign_folds
+    from cassava_pipeline.vision.label_issues import revise_labels, revised_view
+    from cassava_pipeline.vision.provenance import shards_difference
+    from tests.training import CLASSES as COLOURS
+    from tests.training import tiny_shards
+
+    shards = tiny_shards(tmp_path)
+    colours = list(COLOURS)
+    folded, _ = assign_folds(shards.index, colours, FoldOptions(folds=3, seed=1))
+    training = folded[folded["fold"] != -1].reset_index(drop=True)
+    suspects = training.iloc[[0, 5]]
+    issues = pd.DataFrame(
+        {
+            "image": suspects["path"],
+            "given_label": [colours[i] for i in suspects["label"]],
+            "suggested_label": [colours[(i + 1) % 3] for i in suspects["label"]],
+            "self_confidence": [0.01, 0.02],
+            "rank": [1, 2],
+        }
+    )
+    kept = revise_labels(folded, issues, colours, "keep")
+    assert (kept["revision"] == "").all() and kept["label"].tolist() == folded["label"].tolist()
+    assert kept["is_valid"].tolist() == (folded["fold"] == -1).tolist()
+
+    dropped = revise_labels(folded, issues, colours, "drop")
+    assert set(dropped.loc[dropped["revision"] == "dropped", "path"]) == set(suspects["path"])
+    view = revised_view(shards, dropped, name="")
+    train, valid = view.split()
+    assert set(train.index["path"]) == set(training["path"]) - set(suspects["path"])
+    assert set(valid.index["path"]) == set(folded.loc[folded["fold"] == -1, "path"])
+    assert len(view) == len(shards) - 2
+
+    relabelled = revise_labels(folded, issues, colours, "relabel")
+    changed = relabelled[relabelled["revision"] == "relabelled"].set_index("path")["label"]
+    assert changed.to_dict() == {
+        p: (i + 1) % 3 for p, i in zip(suspects["path"], suspects["label"], strict=True)
+    }
+    view2 = revised_view(shards, relabelled, name="")
+    labels = dict(zip(view2.index["path"], view2.labels, strict=True))
+    assert all(labels[p] == changed[p] for p in changed.index)  # what the loader yields
+    position = view2.index["path"].tolist().index(changed.index[0])
+    assert view2[position][1] == changed.iloc[0]
+    unchanged = set(shards.index["path"]) - set(changed.index)
+    original = dict(zip(shards.index["path"], shards.labels, strict=True))
+    assert all(labels[p] == original[p] for p in unchanged)
+    # the labels are part of what a model trained on: a relabelled view is not the kept one
+    assert shards_difference(view2.content, revised_view(shards, kept, "").content)
+
+    stale = issues.assign(given_label=[colours[(i + 2) % 3] for i in suspects["label"]])
+    with pytest.raises(ValueError, match="found on other folds or labels"):
+        revise_labels(folded, stale, colours, "drop")
+    held = folded.loc[folded["fold"] == -1, "path"].iloc[0]
+    with pytest.raises(ValueError, match="not training images"):
+        revise_labels(
+            folded, issues.assign(image=[held, suspects["path"].iloc[1]]), colours, "drop"
+        )

@@ -22,12 +22,13 @@ from cassava_pipeline.datasets.atomic import (
 )
 from cassava_pipeline.hooks import FoldRunsHooks
 from cassava_pipeline.pipeline_registry import register_pipelines
-from cassava_pipeline.pipelines.cv import create_pipeline, predict_pipeline
+from cassava_pipeline.pipelines.cv import clean_pipeline, create_pipeline, predict_pipeline
 from cassava_pipeline.pipelines.ingest.pipeline import create_pipeline as ingest
 from cassava_pipeline.pipelines.presize.pipeline import create_pipeline as presize
 from cassava_pipeline.pipelines.train.pipeline import STAGES, initial
 from cassava_pipeline.tracking import FOLD_TAG
 from cassava_pipeline.vision.folds import HELD_OUT, fold_view
+from cassava_pipeline.vision.label_issues import revised_view
 from cassava_pipeline.vision.predict import Classifier, list_folder
 from cassava_pipeline.vision.shards import ShardedImages
 from cassava_pipeline.vision.tta import TtaOptions
@@ -69,6 +70,12 @@ def _fold_catalog(catalog, out: Path):
             filepath=str(out / f"{f}_held_out.parquet")
         )
         catalog[f"{f}.exported_model"] = ExportedModelDataset(path=str(out / f"{f}.safetensors"))
+    for stage in STAGES:  # the second round's
+        c = f"cleaned.{stage}"
+        catalog[f"{c}.resume_dir"] = WorkDirDataset(path=str(out / "resume" / c))
+        catalog[f"{c}.checkpoint"] = CheckpointDataset(path=str(out / f"{c}.pt"))
+    catalog["cleaned.lr_find_resume_dir"] = WorkDirDataset(path=str(out / "resume" / "c.lr"))
+    catalog["label_revision"] = ParquetDataset(filepath=str(out / "label_revision.parquet"))
     catalog["cv_folds"] = ParquetDataset(filepath=str(out / "cv_folds.parquet"))
     catalog["oof_predictions"] = ParquetDataset(filepath=str(out / "oof.parquet"))
     catalog["cv_metrics"] = JSONDataset(filepath=str(out / "cv_metrics.json"))
@@ -151,6 +158,18 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     assert list(issues["rank"]) == list(range(1, len(issues) + 1))
     assert set(issues["image"]) <= set(training["path"])
     assert (out / "label_issues.png").stat().st_size > 5_000 or issues.empty
+
+    # the second round: the suspects dropped, the recipe on the rest, the held-out side scored
+    catalog["params:cv"] = MemoryDataset({**params["cv"], "label_issues": "drop"})
+    SequentialRunner().run(clean_pipeline(), catalog)
+    revision = catalog["label_revision"].load()
+    assert set(revision.loc[revision["revision"] == "dropped", "path"]) == set(issues["image"])
+    final = catalog["cleaned.mixup.checkpoint"].load()
+    view = revised_view(large, revision, name="")
+    assert final["trained_on"]["split"] == view.content["split"]
+    assert len(view.split()[0]) == len(training) - len(issues)
+    scored = catalog["cleaned.validation_predictions"].load()
+    assert set(scored["path"]) == set(folds.loc[folds["fold"] == HELD_OUT, "path"])
 
     # the fold ensemble predicts a folder: the mean of the fold models' TTA probabilities
     catalog["predict_images"] = MemoryDataset(kaggle_dir / "train_images", copy_mode="assign")

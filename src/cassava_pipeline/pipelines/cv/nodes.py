@@ -22,7 +22,8 @@ from cassava_pipeline.vision.folds import (
     assign_folds,
     fold_report,
 )
-from cassava_pipeline.vision.label_issues import label_issues
+from cassava_pipeline.vision.label_issues import LabelAction, label_issues
+from cassava_pipeline.vision.label_issues import revise_labels as revise
 from cassava_pipeline.vision.learner import RuntimeConfig, StageConfig
 from cassava_pipeline.vision.metrics import classification_metrics
 from cassava_pipeline.vision.plots import image_grid, short_name
@@ -38,6 +39,7 @@ class CvParams(FoldOptions):
 
     bootstrap: Annotated[int, Ge(100)] = 2000  # resamples of the out-of-fold images
     confidence: Annotated[float, Gt(0.5), Lt(1.0)] = 0.95  # the interval's level
+    label_issues: LabelAction = "keep"  # the second round's suspects: keep, drop, relabel
 
 
 def make_folds(
@@ -123,6 +125,29 @@ def out_of_fold(
         len(issues),
     )
     return oof, metrics, issues
+
+
+def revise_labels(
+    cv_folds: pd.DataFrame,
+    issues: pd.DataFrame,
+    data_report: dict[str, Any],
+    params: dict[str, Any],
+) -> pd.DataFrame:
+    """Every image's label for the second round (``path, label, is_valid, revision``): the
+    suspects kept, dropped or relabelled as ``cv.label_issues`` says; the held-out side
+    validates, as given."""
+    action = parse(CvParams, params).label_issues
+    classes = [c["name"] for c in data_report["classes"]]
+    revision = revise(cv_folds, issues, classes, action)
+    counts = revision["revision"].value_counts()
+    logger.info(
+        "cv_clean: label issues %s: %d of %d training images dropped, %d relabelled",
+        action,
+        int(counts.get("dropped", 0)),
+        int((~revision["is_valid"]).sum()),
+        int(counts.get("relabelled", 0)),
+    )
+    return revision
 
 
 def held_out_predictions(

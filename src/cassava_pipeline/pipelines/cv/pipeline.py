@@ -13,6 +13,7 @@ and their ensemble on the held-out side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
@@ -21,6 +22,7 @@ from cassava_pipeline.pipelines.evaluate.nodes import evaluate
 from cassava_pipeline.pipelines.predict.nodes import predict_with_ensemble
 from cassava_pipeline.pipelines.train import pipeline as train
 from cassava_pipeline.vision.folds import fold_name, fold_view
+from cassava_pipeline.vision.label_issues import revised_view
 
 from .nodes import (
     cv_summary,
@@ -29,11 +31,12 @@ from .nodes import (
     label_issue_figure,
     make_folds,
     out_of_fold,
+    revise_labels,
 )
 
 # What every fold reads unchanged: shared files, and the recipe's parameters.
+CLEANED = "cleaned"  # the second round's namespace
 SHARED = {
-    "cv_folds",
     "initial_checkpoint",
     "data_report",
     "small.presized_images",
@@ -48,15 +51,12 @@ PARAMETERS = {
 }
 
 
-def fold_pipeline(k: int) -> Pipeline:
-    """Fold ``k``: its views of the shards, the recipe on them, the evaluation of its fold."""
+def _round(namespace: str, view: Callable, view_inputs: list[str], tail: list[Node]) -> Pipeline:
+    """A training round in ``namespace``: ``view`` of each shard set (``<size>_view``, from the
+    shard set and ``view_inputs``), the whole recipe on them, the TTA evaluation of the views'
+    validation side, and ``tail``."""
     views = [
-        Node(
-            update_wrapper(partial(fold_view, fold=k), fold_view),  # the other folds train
-            [f"{size}.presized_images", "cv_folds"],
-            f"{size}_view",
-            name=f"{size}_view",
-        )
+        Node(view, [f"{size}.presized_images", *view_inputs], f"{size}_view", name=f"{size}_view")
         for size in ("small", "large")
     ]
     final = list(train.STAGES)[-1]
@@ -72,6 +72,18 @@ def fold_pipeline(k: int) -> Pipeline:
         ["metrics", "validation_predictions", "final_metrics"],
         name="evaluate",
     )
+    return Pipeline(
+        Pipeline(views) + train.recipe("small_view", "large_view") + Pipeline([scored, *tail]),
+        namespace=namespace,
+        inputs=SHARED | set(view_inputs),
+        parameters=PARAMETERS,
+    )
+
+
+def fold_pipeline(k: int) -> Pipeline:
+    """Fold ``k``: its views of the shards, the recipe on them, the evaluation of its fold (its
+    out-of-fold predictions) and of the held-out side."""
+    final = list(train.STAGES)[-1]
     tested = Node(
         held_out_predictions,
         [
@@ -85,12 +97,23 @@ def fold_pipeline(k: int) -> Pipeline:
         "held_out_predictions",
         name="held_out_predictions",
     )
-    return Pipeline(
-        Pipeline(views) + train.recipe("small_view", "large_view") + Pipeline([scored, tested]),
-        namespace=fold_name(k),
-        inputs=SHARED,
-        parameters=PARAMETERS,
+    view = update_wrapper(partial(fold_view, fold=k), fold_view)  # the other folds train
+    return _round(fold_name(k), view, ["cv_folds"], [tested])
+
+
+def clean_pipeline() -> Pipeline:
+    """cassava_cv_clean: the second round. The suspects of the cross-validation's label issues
+    kept, dropped or relabelled (``cv.label_issues``); the recipe on all training images so
+    revised (namespace ``cleaned``), validated on the held-out side with its labels as given:
+    its accuracy compares with a single-split run's on the same images."""
+    revise = Node(
+        revise_labels,
+        ["cv_folds", "label_issues", "data_report", "params:cv"],
+        "label_revision",
+        name="revise_labels",
     )
+    view = update_wrapper(partial(revised_view, name=""), revised_view)  # the run's own curves
+    return Pipeline([revise]) + _round(CLEANED, view, ["label_revision"], [])
 
 
 def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
