@@ -37,6 +37,8 @@ ENV = {
     "GIT_COMMITTER_EMAIL": "test@example.org",
 }
 STAGES = ("params", "sample", "data", "train", "evaluate")
+CV_STAGES = ("cv_folds", "cv_fold@0", "cv_fold@1", "cv_report")  # two folds in conf/ci
+CV_BLOCK = re.compile(r"\n  # ---- cassava_cv.*?(?=\n# dvc plots)", re.S)
 ENV_NAME = "ci"  # the test's Kedro environment: conf/ci, outputs under ci/ folders
 CHECKPOINTS = ("initial.pt", "frozen.pt", "unfrozen.pt", "mixup.pt", "model.safetensors")
 
@@ -57,9 +59,9 @@ def git(root: Path, *args: str) -> str:
     return _run(root, "git", *args)
 
 
-def ran(log: str) -> list[str]:
+def ran(log: str, stages: tuple[str, ...] = STAGES) -> list[str]:
     """The stages a `dvc repro` / `dvc exp run` log says it ran."""
-    return [s for s in STAGES if f"Running stage '{s}'" in log]
+    return [s for s in stages if f"Running stage '{s}'" in log]
 
 
 def sha256(path: Path) -> str:
@@ -86,20 +88,33 @@ def repo(tmp_path_factory) -> dict:
     default_dag = dvc(root, "dag", "--md")  # the committed vars (env: local) parse
     env_dir = root / "conf" / ENV_NAME
     env_dir.mkdir(parents=True)
-    (env_dir / "parameters.yml").write_text(yaml.safe_dump(SHRINK))
+    (env_dir / "parameters.yml").write_text(yaml.safe_dump({**SHRINK, "cv": {"folds": 2}}))
     (root / "conf" / "local").mkdir(parents=True, exist_ok=True)  # Kedro needs it to exist
     dvc_yaml = (root / "dvc.yaml").read_text()
-    for old, new in (("env: local", f"env: {ENV_NAME}"), ('sub: ""', f"sub: {ENV_NAME}/")):
+    changes = (
+        ("env: local", f"env: {ENV_NAME}"),
+        ('sub: ""', f"sub: {ENV_NAME}/"),
+        ("folds: [0, 1, 2, 3, 4]", "folds: [0, 1]"),
+    )
+    for old, new in changes:
         assert old in dvc_yaml
         dvc_yaml = dvc_yaml.replace(old, new, 1)
-    (root / "dvc.yaml").write_text(dvc_yaml)
+    # the single-split recipe's stages first; the cross-validation's join in the last test
+    cv_stages = CV_BLOCK.search(dvc_yaml).group(0)
+    (root / "dvc.yaml").write_text(CV_BLOCK.sub("", dvc_yaml))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
     first = dvc(root, "repro")
     second = dvc(root, "repro")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "dvc repro")
-    return {"root": root, "first": first, "second": second, "default_dag": default_dag}
+    return {
+        "root": root,
+        "first": first,
+        "second": second,
+        "default_dag": default_dag,
+        "cv_stages": cv_stages,
+    }
 
 
 def out(root: Path, layer: str, name: str) -> Path:
@@ -114,7 +129,7 @@ def params_file(root: Path) -> str:
 @pytest.mark.slow
 def test_repro_runs_every_stage_then_nothing(repo):
     root = repo["root"]
-    assert all(f"{s}" in repo["default_dag"] for s in STAGES)
+    assert all(f"{s}" in repo["default_dag"] for s in STAGES + CV_STAGES[:1])
     assert ran(repo["first"]) == list(STAGES)
     assert ran(repo["second"]) == []
     assert json.loads(dvc(root, "status", "--json")) == {}
@@ -324,6 +339,40 @@ def test_push_then_pull_restores_the_checkpoints_bit_for_bit(repo, tmp_path):
     assert json.loads(dvc(root, "status", "--json")) == {}
 
 
+@pytest.mark.slow
+def test_the_cv_stages_run_each_fold_then_rerun_only_the_fold_that_changed(repo):
+    """cassava_cv's stages (cv_folds, cv_fold@<k> by foreach, cv_report) added to a project whose
+    recipe has run: they run once; one fold's outputs lost, only that fold reruns."""
+    root = repo["root"]
+    path = root / "dvc.yaml"
+    path.write_text(path.read_text().replace("\n# dvc plots", f"{repo['cv_stages']}\n# dvc plots"))
+    log = dvc(root, "repro")
+    assert ran(log, STAGES + CV_STAGES) == list(CV_STAGES), log[-4000:]
+    assert json.loads(dvc(root, "status", "--json")) == {}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(CV_STAGES) <= set(lock)
+    metrics = json.loads(dvc(root, "metrics", "show", "--json"))[""]["data"]
+    cv = metrics[f"data/08_reporting/{ENV_NAME}/cv_metrics.json"]["data"]
+    assert cv["folds"] == 2 and cv["interval"][0] <= cv["accuracy"] <= cv["interval"][1]
+    # MLflow: each fold stage's run holds its fold's run, nested under it
+    client, runs = _mlflow(root)
+    folds = {r.data.tags["cv_fold"]: r for r in runs if "cv_fold" in r.data.tags}
+    assert sorted(folds) == ["fold_0", "fold_1"]
+    for k, run in enumerate(folds[f"fold_{k}"] for k in range(2)):
+        stage = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert stage.data.tags["dvc.stage"] == f"cv_fold@{k}"
+        assert run.info.status == "FINISHED" and "final_metrics.tta_accuracy" in run.data.metrics
+
+    # one fold's model lost: that fold alone reruns, and gives the same bytes again
+    model = out(root, "06_models", "cv/fold_1/mixup.pt")
+    before = sha256(model)
+    model.unlink()
+    assert set(json.loads(dvc(root, "status", "--json"))) == {"cv_fold@1"}
+    log = dvc(root, "repro")
+    assert ran(log, CV_STAGES) in (["cv_fold@1"], ["cv_fold@1", "cv_report"]), log[-4000:]
+    assert sha256(model) == before
+
+
 def _imported_files(module: str) -> set[str]:
     """Files of cassava_pipeline a module imports, transitively (package __init__ left out)."""
     src = REPO / "src"
@@ -361,10 +410,14 @@ HOOKS = "src/cassava_pipeline/hooks"
         ("data", ["ingest", "presize"]),
         ("train", ["train"]),
         ("evaluate", ["evaluate"]),
+        ("cv_folds", ["cv"]),
+        ("cv_fold", ["cv"]),
+        ("cv_report", ["cv"]),
     ],
 )
 def test_each_stage_depends_on_the_code_it_runs(stage, pipelines):
-    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    definition = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    deps = definition.get("do", definition)["deps"]  # a foreach stage's under `do`
 
     def covered(path: str) -> bool:
         return any(path == d or path.startswith(f"{d.rstrip('/')}/") for d in deps)
