@@ -42,12 +42,17 @@ REPO = fc.REPO
 DATA = fc.DATA
 
 
-def prepare_data(root: Path, flip: float, seed: int) -> tuple[Path, list[dict]]:
-    """Links to clothing-small: validation/ untouched, train/ with ``flip`` of the photos in
-    another class's folder (seeded); returns the folder and the flips."""
+def prepare_data(
+    root: Path, flip: float, seed: int, limit: int | None = None
+) -> tuple[Path, list[dict]]:
+    """Links to clothing-small: validation/ untouched, train/ (its first ``limit`` photos, in
+    class order, if given) with ``flip`` of the photos in another class's folder (seeded);
+    returns the folder and the flips."""
     out = root / "clothing"
     classes = sorted(p.name for p in (DATA / "train").iterdir() if p.is_dir())
     photos = [(c, p) for c in classes for p in sorted((DATA / "train" / c).iterdir())]
+    if limit:
+        photos = random.Random(seed).sample(photos, limit)
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(photos)), round(flip * len(photos))))
     flips = []
@@ -115,6 +120,62 @@ def reading(project: Path, name: str) -> dict:
     return json.loads((project / "data" / "08_reporting" / name).read_text())
 
 
+def report_accuracy(project: Path, args: argparse.Namespace, r: dict, flips: list[dict]) -> None:
+    """Parts 1 to 3 of the docstring, after the CV run."""
+    metrics = reading(project, "cv_metrics.json")
+    held = reading(project, "cv_held_out_metrics.json")
+    print(
+        f"out-of-fold accuracy {metrics['accuracy']:.4f} "
+        f"({100 * metrics['confidence']:.0f}% interval {metrics['interval'][0]:.4f} to "
+        f"{metrics['interval'][1]:.4f}); folds {metrics['fold_accuracy_mean']:.4f} +- "
+        f"{metrics['fold_accuracy_std']:.4f}: "
+        + ", ".join(f"{a:.4f}" for a in metrics["fold_accuracy"])
+    )
+    print(
+        f"validation folder ({held['n_images']} photos): ensemble of {args.folds} "
+        f"{held['ensemble_accuracy']:.4f}, single folds {held['fold_accuracy_mean']:.4f} "
+        "mean: " + ", ".join(f"{a:.4f}" for a in held["fold_accuracy"])
+    )
+    found = report_flips(project, flips)
+    print(
+        f"label issues {found['issues']}: {found['found']} of the {found['flips']} flips; "
+        f"precision {found['precision']:.3f}, recall {found['recall']:.3f} (target: recall "
+        f">= 0.6 at precision >= 0.5); precision in the top {found['flips']} "
+        f"{found['precision_at_n_flips']:.3f}"
+    )
+
+    rounds = {}
+    for action in ("keep", "drop", "relabel"):
+        run = kedro(project, params(args.seed, r, args.folds, action),
+                    "--pipelines=cassava_cv_clean")  # fmt: skip
+        m = json.loads((project / "data/08_reporting/cv_cleaned/metrics.json").read_text())
+        rounds[action] = m
+        print(
+            f"second round {action}: validation accuracy {m['plain']['accuracy']:.4f}, "
+            f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
+        )
+
+    single = []
+    for seed in args.seeds:
+        run = kedro(project, params(seed, r, args.folds), "--pipelines=cassava")
+        m = reading(project, "metrics.json")
+        single.append(m["with_tta"]["accuracy"])
+        print(
+            f"single split seed {seed}: validation accuracy {m['plain']['accuracy']:.4f}, "
+            f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
+        )
+    single.append(rounds["keep"]["with_tta"]["accuracy"])  # the keep round: seed --seed
+    mean = sum(single) / len(single)
+    sd = (sum((a - mean) ** 2 for a in single) / (len(single) - 1)) ** 0.5
+    low, high = metrics["interval"]
+    inside = sum(low <= a <= high for a in single)
+    print(
+        f"single-split TTA accuracy over {len(single)} seeds: {mean:.4f} +- {sd:.4f} "
+        f"(min {min(single):.4f}, max {max(single):.4f}); {inside} of {len(single)} inside "
+        f"the CV interval {low:.4f} to {high:.4f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=5)
@@ -123,14 +184,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the CV run's and the rounds' seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--skip-cost", action="store_true")
-    parser.add_argument("--presize-small", type=int, default=160)
-    parser.add_argument("--size-small", type=int, default=128)
-    parser.add_argument("--presize-large", type=int, default=192)
-    parser.add_argument("--size-large", type=int, default=160)
-    parser.add_argument("--epochs", type=int, nargs=3, default=[2, 1, 1])
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr-find-iters", type=int, default=20)
+    parser.add_argument(
+        "--only-cost", action="store_true", help="the CV run and one fold alone: times, memory"
+    )
+    parser.add_argument("--train-limit", type=int, help="that many training photos, at random")
+    fc.add_recipe_args(parser, epochs=(2, 1, 1), lr_find_iters=20)
     args = parser.parse_args()
     r = fc.recipe(args)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -139,7 +197,7 @@ def main() -> None:
         sys.exit(f"{DATA} is missing (the shared data sets; see ../shared/datasets/README.md)")
     print(f"# {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory() as tmp:
-        data, flips = prepare_data(Path(tmp), args.flip, args.flip_seed)
+        data, flips = prepare_data(Path(tmp), args.flip, args.flip_seed, args.train_limit)
         print(f"# {len(flips)} of the training photos flipped (seed {args.flip_seed}), e.g.")
         for f in flips[:3]:
             print(f"#   {f['path']} (truly {f['true']})")
@@ -148,58 +206,8 @@ def main() -> None:
         cv = kedro(project, params(args.seed, r, args.folds), "--pipelines=cassava_cv")
         print(f"cassava_cv {args.folds} folds: {cv['seconds']:.1f} s, "
               f"peak {cv['peak_mib']:.0f} MiB; warnings: {cv['warnings'] or 'none'}")  # fmt: skip
-        metrics = reading(project, "cv_metrics.json")
-        held = reading(project, "cv_held_out_metrics.json")
-        print(
-            f"out-of-fold accuracy {metrics['accuracy']:.4f} "
-            f"({100 * metrics['confidence']:.0f}% interval {metrics['interval'][0]:.4f} to "
-            f"{metrics['interval'][1]:.4f}); folds {metrics['fold_accuracy_mean']:.4f} +- "
-            f"{metrics['fold_accuracy_std']:.4f}: "
-            + ", ".join(f"{a:.4f}" for a in metrics["fold_accuracy"])
-        )
-        print(
-            f"validation folder ({held['n_images']} photos): ensemble of {args.folds} "
-            f"{held['ensemble_accuracy']:.4f}, single folds {held['fold_accuracy_mean']:.4f} "
-            "mean: " + ", ".join(f"{a:.4f}" for a in held["fold_accuracy"])
-        )
-        found = report_flips(project, flips)
-        print(
-            f"label issues {found['issues']}: {found['found']} of the {found['flips']} flips; "
-            f"precision {found['precision']:.3f}, recall {found['recall']:.3f} (target: recall "
-            f">= 0.6 at precision >= 0.5); precision in the top {found['flips']} "
-            f"{found['precision_at_n_flips']:.3f}"
-        )
-
-        rounds = {}
-        for action in ("keep", "drop", "relabel"):
-            run = kedro(project, params(args.seed, r, args.folds, action),
-                        "--pipelines=cassava_cv_clean")  # fmt: skip
-            m = json.loads((project / "data/08_reporting/cv_cleaned/metrics.json").read_text())
-            rounds[action] = m
-            print(
-                f"second round {action}: validation accuracy {m['plain']['accuracy']:.4f}, "
-                f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
-            )
-
-        single = []
-        for seed in args.seeds:
-            run = kedro(project, params(seed, r, args.folds), "--pipelines=cassava")
-            m = reading(project, "metrics.json")
-            single.append(m["with_tta"]["accuracy"])
-            print(
-                f"single split seed {seed}: validation accuracy {m['plain']['accuracy']:.4f}, "
-                f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
-            )
-        single.append(rounds["keep"]["with_tta"]["accuracy"])  # the keep round: seed --seed
-        mean = sum(single) / len(single)
-        sd = (sum((a - mean) ** 2 for a in single) / (len(single) - 1)) ** 0.5
-        low, high = metrics["interval"]
-        inside = sum(low <= a <= high for a in single)
-        print(
-            f"single-split TTA accuracy over {len(single)} seeds: {mean:.4f} +- {sd:.4f} "
-            f"(min {min(single):.4f}, max {max(single):.4f}); {inside} of {len(single)} inside "
-            f"the CV interval {low:.4f} to {high:.4f}"
-        )
+        if not args.only_cost:
+            report_accuracy(project, args, r, flips)
 
         if not args.skip_cost:
             # one fold from scratch, as by hand: a fresh project (its own ingest and presize)

@@ -85,6 +85,20 @@ DATA = REPO.parent / "shared" / "datasets" / "clothing-small"
 STAGES = ("frozen", "unfrozen", "mixup")
 
 
+def add_recipe_args(
+    p: argparse.ArgumentParser, epochs: tuple[int, int, int] = (1, 1, 1), lr_find_iters: int = 100
+) -> None:
+    """The flags :func:`recipe` reads (``cv.py`` shares them)."""
+    p.add_argument("--presize-small", type=int, default=160)
+    p.add_argument("--size-small", type=int, default=128)
+    p.add_argument("--presize-large", type=int, default=192)
+    p.add_argument("--size-large", type=int, default=160)
+    p.add_argument("--epochs", type=int, nargs=3, default=list(epochs))
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr-find-iters", type=int, default=lr_find_iters)
+
+
 def recipe(args: argparse.Namespace) -> dict:
     """The settings both arms use (fastai's defaults where the flag is not given)."""
     return {
@@ -586,14 +600,7 @@ def main() -> None:
                    help="run too when either arm's accuracy spread exceeds --spread")  # fmt: skip
     p.add_argument("--spread", type=float, default=0.02)
     p.add_argument("--train-limit", type=int, default=None)
-    p.add_argument("--presize-small", type=int, default=160)
-    p.add_argument("--size-small", type=int, default=128)
-    p.add_argument("--presize-large", type=int, default=192)
-    p.add_argument("--size-large", type=int, default=160)
-    p.add_argument("--epochs", type=int, nargs=3, default=[1, 1, 1])
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr-find-iters", type=int, default=100)
+    add_recipe_args(p)
     p.add_argument("--fastai-workers", type=int, default=None,
                    help="fastai's DataLoader workers (default: the probe's fastest)")  # fmt: skip
     p.add_argument("--probe", type=int, nargs="+", default=[0, 1, 2],
