@@ -74,8 +74,8 @@ class FoldRunsHooks:
         if fold is None or self._parent is None:
             return
         with self._lock:
-            run_id = self._runs.get(fold) or self._open(fold)
-            if run_id is None:
+            run_id = self._runs[fold] if fold in self._runs else self._open(fold)
+            if not run_id:  # "": it could not be made (said once)
                 return
             params = {
                 k.removeprefix("params:"): v for k, v in inputs.items() if k.startswith("params:")

@@ -81,7 +81,8 @@ def revise_labels(
     )
     found = training.reindex(issues["image"].astype(str))
     rows = found.fillna(-1).to_numpy(dtype=np.int64)
-    given = [classes[i] if i >= 0 else None for i in revision["label"].to_numpy()[rows]]
+    labels = revision["label"].to_numpy()
+    given = [classes[labels[r]] if r >= 0 else None for r in rows]
     wrong = [
         image
         for image, row, was, now in zip(
