@@ -49,3 +49,28 @@ def test_a_fold_count_the_cv_pipeline_was_not_built_with_is_refused():
     hooks.before_pipeline_run({}, five.only_nodes_with_namespaces(["fold_2"]), None)  # a fold
     hooks.before_pipeline_run({}, create_pipeline(folds=3), None)  # built as asked
     hooks.before_pipeline_run({}, SimpleNamespace(nodes=[]), None)  # not cassava_cv
+
+
+@pytest.mark.filterwarnings("ignore:One or more dataset names contain")
+def test_the_fold_count_is_the_registered_pipelines_not_the_runs_nodes(monkeypatch):
+    """`--to-nodes=fold_0.evaluate` runs make_folds and one fold of a five-fold pipeline: a
+    run of it, not a pipeline built for one fold; a registered pipeline of another count is
+    refused whatever the run's nodes."""
+    from cassava_pipeline.hooks import run
+    from cassava_pipeline.pipelines.cv import create_pipeline
+    from tests.test_params import _params
+
+    five = create_pipeline(folds=5)
+    monkeypatch.setattr(run, "registered", lambda names: [five] if "cassava_cv" in names else [])
+    upstream = five.to_nodes("fold_0.evaluate")
+    assert "make_folds" in {n.name for n in upstream.nodes} and run.folds_of(upstream) == [0]
+    params = _params()
+    params["cv"]["folds"] = 5
+    hooks = ParametersHooks()
+    hooks.after_context_created(SimpleNamespace(params=params))
+    hooks.before_pipeline_run({"pipeline_names": ["cassava_cv"]}, upstream, None)
+    params["cv"]["folds"] = 3
+    hooks.after_context_created(SimpleNamespace(params=params))
+    alone = five.only_nodes_with_namespaces(["fold_1"])
+    with pytest.raises(ParameterError, match=r"cv\.folds is 3.*fold_0, fold_1, fold_2, fold_3"):
+        hooks.before_pipeline_run({"pipeline_names": ["cassava_cv"]}, alone, None)

@@ -104,21 +104,40 @@ class ParametersHooks:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         """cassava_cv has one namespace per fold, built from the parameter files before Kedro
-        reads ``--params``: a ``cv.folds`` the run's pipeline was not built with is refused."""
-        built = {k for n in pipeline.nodes if (k := fold_number(n.namespace)) is not None}
-        names = ", ".join(fold_name(k) for k in sorted(built))
-        whole = any(n.name == "make_folds" for n in pipeline.nodes)
-        if self._folds is None or not built:
+        reads ``--params``: a ``cv.folds`` the pipeline was not built with is refused. The run's
+        own nodes may be fewer (``--namespaces``, ``--to-nodes``): the count is the registered
+        pipeline's, and no fold of the run may lie past ``cv.folds``."""
+        if self._folds is None:
             return
-        beyond = sorted(k for k in built if k >= self._folds)
-        if beyond or (whole and len(built) != self._folds):
-            raise ParameterError(
-                f"cv.folds is {self._folds}, but this run's pipeline holds the namespaces "
-                f"{names}: Kedro builds cassava_cv's folds from the "
-                "parameter files (conf/base and the environment KEDRO_ENV names) before it reads "
-                "--params. Set cv.folds in conf/<env>/parameters_cv.yml and run with "
-                "KEDRO_ENV=<env>."
-            )
+        names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+        for whole in [pipeline, *registered([n for n in names if n])]:
+            built = folds_of(whole)
+            if not built:
+                continue
+            beyond = [k for k in built if k >= self._folds]
+            if beyond or (whole is not pipeline and len(built) != self._folds):
+                raise ParameterError(
+                    f"cv.folds is {self._folds}, but this run's pipeline holds the namespaces "
+                    f"{', '.join(fold_name(k) for k in built)}: Kedro builds cassava_cv's folds "
+                    "from the parameter files (conf/base and the environment KEDRO_ENV names) "
+                    "before it reads --params. Set cv.folds in conf/<env>/parameters_cv.yml and "
+                    "run with KEDRO_ENV=<env>."
+                )
+
+
+def folds_of(pipeline) -> list[int]:
+    """The cross-validation folds a pipeline holds (its ``fold_<k>`` namespaces), in order."""
+    return sorted({k for n in pipeline.nodes if (k := fold_number(n.namespace)) is not None})
+
+
+def registered(names: list[str]) -> list:
+    """The project's registered pipelines of these names (Kedro's public registry)."""
+    from kedro.framework.project import pipelines  # noqa: PLC0415  (after configure_project)
+
+    try:
+        return [pipelines[n] for n in names if n in pipelines]
+    except Exception:  # no project configured (a pipeline run outside a session)
+        return []
 
 
 class NodeTimesHooks:
