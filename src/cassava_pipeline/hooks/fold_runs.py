@@ -80,7 +80,7 @@ class FoldRunsHooks:
             params = {
                 k.removeprefix("params:"): v for k, v in inputs.items() if k.startswith("params:")
             }
-            self._log_params(fold, run_id, flatten(params))
+            self._record_params(fold, run_id, flatten(params))
 
     def _open(self, fold: str) -> str | None:
         client = MlflowClient()
@@ -103,10 +103,10 @@ class FoldRunsHooks:
         self._logged[fold] = set()
         cv = flatten(self._cv, "cv.")
         cv["cv.fold"] = str(fold_number(fold))
-        self._log_params(fold, run_id, cv)
+        self._record_params(fold, run_id, cv)
         return run_id
 
-    def _log_params(self, fold: str, run_id: str, params: dict[str, str]) -> None:
+    def _record_params(self, fold: str, run_id: str, params: dict[str, str]) -> None:
         new = [Param(k, v[:6000]) for k, v in params.items() if k not in self._logged[fold]]
         try:
             for i in range(0, len(new), 100):
