@@ -12,7 +12,8 @@ user runs it (``kedro run``, the recipe of ``fastai_compare.py``: presize 160/19
    cleanlab's label issues (target: recall >= 0.6 at precision >= 0.5); the out-of-fold
    accuracy and its interval; the fold ensemble's accuracy on the validation folder (the
    held-out side) against the mean single fold's;
-2. ``cassava_cv_clean`` with ``cv.label_issues`` keep, drop and relabel (same seeds): accuracy
+2. ``cassava_cv_clean`` with ``cv.label_issues`` keep, drop and relabel (same seeds,
+   ``--round-seeds``; ``--issue-limit N`` adds dropping the first N suspects only): accuracy
    on the untouched validation folder;
 3. ``cassava`` (one split: the validation folder) with ``--seeds``: the single-split accuracy's
    spread over seeds, against the CV interval (does CV estimate what a user sees?);
@@ -94,9 +95,9 @@ def kedro(project: Path, params: dict, *args: str) -> dict:
     return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024, "warnings": warnings}
 
 
-def params(seed: int, r: dict, folds: int, action: str = "keep") -> dict:
+def params(seed: int, r: dict, folds: int, action: str = "keep", limit: int | None = None) -> dict:
     out = fc._params(seed, r)
-    out["cv"] = {"folds": folds, "seed": 42, "label_issues": action}
+    out["cv"] = {"folds": folds, "seed": 42, "label_issues": action, "issue_limit": limit}
     return out
 
 
@@ -159,16 +160,9 @@ def report_accuracy(project: Path, args: argparse.Namespace, r: dict, flips: lis
             f"{best['precision']:.3f}, recall {best['recall']:.3f} (target: recall >= 0.6)"
         )
 
-    rounds = {}
-    for action in ("keep", "drop", "relabel"):
-        run = kedro(project, params(args.seed, r, args.folds, action),
-                    "--pipelines=cassava_cv_clean")  # fmt: skip
-        m = json.loads((project / "data/08_reporting/cv_cleaned/metrics.json").read_text())
-        rounds[action] = m
-        print(
-            f"second round {action}: validation accuracy {m['plain']['accuracy']:.4f}, "
-            f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
-        )
+    rounds = second_rounds(project, args, r)
+    if args.skip_single:
+        return
 
     single = []
     for seed in args.seeds:
@@ -179,7 +173,7 @@ def report_accuracy(project: Path, args: argparse.Namespace, r: dict, flips: lis
             f"single split seed {seed}: validation accuracy {m['plain']['accuracy']:.4f}, "
             f"with TTA {m['with_tta']['accuracy']:.4f} ({run['seconds']:.1f} s)"
         )
-    single.append(rounds["keep"]["with_tta"]["accuracy"])  # the keep round: seed --seed
+    single.append(rounds[("keep", args.seed)]["with_tta"]["accuracy"])  # the keep round: --seed
     mean = sum(single) / len(single)
     sd = (sum((a - mean) ** 2 for a in single) / (len(single) - 1)) ** 0.5
     low, high = metrics["interval"]
@@ -191,6 +185,42 @@ def report_accuracy(project: Path, args: argparse.Namespace, r: dict, flips: lis
     )
 
 
+def second_rounds(project: Path, args: argparse.Namespace, r: dict) -> dict:
+    """Part 2: ``cassava_cv_clean`` per action and seed (``--round-seeds``; relabel at
+    ``--seed`` only; ``--issue-limit N`` adds a round dropping the first N suspects), each
+    action's mean and sd over the seeds, and drop's difference to keep seed by seed."""
+    rounds: dict[tuple[str, int], dict] = {}
+    seeds = args.round_seeds or [args.seed]
+    actions = [("keep", None), ("drop", None)]
+    if args.issue_limit is not None:
+        actions.append(("drop", args.issue_limit))
+    for seed in seeds:
+        for action, limit in actions + ([("relabel", None)] if seed == args.seed else []):
+            name = action if limit is None else f"{action} first {limit}"
+            run = kedro(project, params(seed, r, args.folds, action, limit),
+                        "--pipelines=cassava_cv_clean")  # fmt: skip
+            m = json.loads((project / "data/08_reporting/cv_cleaned/metrics.json").read_text())
+            rounds[(name, seed)] = m
+            print(
+                f"second round {name}, seed {seed}: validation accuracy "
+                f"{m['plain']['accuracy']:.4f}, with TTA {m['with_tta']['accuracy']:.4f} "
+                f"({run['seconds']:.1f} s)"
+            )
+    if len(seeds) > 1:
+        names = [a if n is None else f"{a} first {n}" for a, n in actions]
+        for name in names:
+            for kind in ("plain", "with_tta"):
+                a = np.array([rounds[(name, s)][kind]["accuracy"] for s in seeds])
+                gain = a - np.array([rounds[("keep", s)][kind]["accuracy"] for s in seeds])
+                print(
+                    f"{name} over seeds {seeds}, {kind}: {a.mean():.4f} +- {a.std(ddof=1):.4f}"
+                    + ("" if name == "keep" else
+                       f"; minus keep, seed by seed: {gain.mean():+.4f} "
+                       f"({', '.join(f'{g:+.4f}' for g in gain)})")
+                )  # fmt: skip
+    return rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=5)
@@ -198,6 +228,9 @@ def main() -> None:
     parser.add_argument("--flip-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="the CV run's and the rounds' seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--round-seeds", type=int, nargs="+", help="the second rounds' seeds")
+    parser.add_argument("--issue-limit", type=int, help="also a round dropping the first N")
+    parser.add_argument("--skip-single", action="store_true", help="no single-split runs")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument(
         "--only-cost", action="store_true", help="the CV run and one fold alone: times, memory"

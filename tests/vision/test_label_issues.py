@@ -91,6 +91,13 @@ def test_a_revision_keeps_drops_or_relabels_the_suspects_only(tmp_path):
     assert set(valid.index["path"]) == set(folded.loc[folded["fold"] == -1, "path"])
     assert len(view) == len(shards) - 2
 
+    # a rank cut: the first suspect only, whatever the order of the rows
+    first = revise_labels(folded, issues.iloc[::-1], colours, "drop", limit=1)
+    assert first.loc[first["revision"] == "dropped", "path"].tolist() == [suspects["path"].iat[0]]
+    assert revise_labels(folded, issues, colours, "drop", limit=0)["revision"].eq("").all()
+    with pytest.raises(ValueError, match="0 or more"):
+        revise_labels(folded, issues, colours, "drop", limit=-1)
+
     relabelled = revise_labels(folded, issues, colours, "relabel")
     changed = relabelled[relabelled["revision"] == "relabelled"].set_index("path")["label"]
     assert changed.to_dict() == {

@@ -55,13 +55,18 @@ LabelAction = Literal["keep", "drop", "relabel"]
 
 
 def revise_labels(
-    folded: pd.DataFrame, issues: pd.DataFrame, classes: list[str], action: LabelAction
+    folded: pd.DataFrame,
+    issues: pd.DataFrame,
+    classes: list[str],
+    action: LabelAction,
+    limit: int | None = None,
 ) -> pd.DataFrame:
     """What a training round does with the suspects of :func:`label_issues`: every image of
     ``folded`` (``path, label, fold``; fold -1 the held-out side) as ``path, label, is_valid,
     revision``: ``keep`` leaves the labels as given, ``drop`` marks the suspects ``dropped``
     (they do not train), ``relabel`` gives them the suggested label (``relabelled``). The
-    held-out side is never revised: it validates, with its labels as given.
+    held-out side is never revised: it validates, with its labels as given. ``limit``: only
+    the first that many suspects by ``rank`` (most suspect first) are revised; ``None``: all.
 
     The suspects must be training images whose given label is still theirs; otherwise the
     issues were found on other folds or labels, and revising with them would be wrong.
@@ -74,6 +79,10 @@ def revise_labels(
             "revision": "",
         }
     )
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"a limit of {limit} label issues: give 0 or more, or none for all")
+        issues = issues.sort_values("rank", kind="stable").head(limit)
     if action == "keep" or issues.empty:
         return revision
     training = pd.Series(

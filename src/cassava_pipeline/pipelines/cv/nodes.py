@@ -40,6 +40,7 @@ class CvParams(FoldOptions):
     bootstrap: Annotated[int, Ge(100)] = 2000  # resamples of the out-of-fold images
     confidence: Annotated[float, Gt(0.5), Lt(1.0)] = 0.95  # the interval's level
     label_issues: LabelAction = "keep"  # the second round's suspects: keep, drop, relabel
+    issue_limit: Annotated[int, Ge(0)] | None = None  # revise the first N suspects; None: all
 
 
 def make_folds(
@@ -136,13 +137,17 @@ def revise_labels(
     """Every image's label for the second round (``path, label, is_valid, revision``): the
     suspects kept, dropped or relabelled as ``cv.label_issues`` says; the held-out side
     validates, as given."""
-    action = parse(CvParams, params).label_issues
+    options = parse(CvParams, params)
+    action = options.label_issues
     classes = [c["name"] for c in data_report["classes"]]
-    revision = revise(cv_folds, issues, classes, action)
+    revision = revise(cv_folds, issues, classes, action, limit=options.issue_limit)
     counts = revision["revision"].value_counts()
     logger.info(
-        "cv_clean: label issues %s: %d of %d training images dropped, %d relabelled",
+        "cv_clean: label issues %s (%s of %d suspects): %d of %d training images dropped, "
+        "%d relabelled",
         action,
+        "all" if options.issue_limit is None else f"the first {options.issue_limit}",
+        len(issues),
         int(counts.get("dropped", 0)),
         int((~revision["is_valid"]).sum()),
         int(counts.get("relabelled", 0)),
