@@ -25,9 +25,9 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``evaluate`` the TTA evaluation;
     ``cassava`` is the whole recipe and the default; ``cassava_predict`` predicts a folder of new
     images with the exported model; ``sample_data`` draws the embedded sample; ``cassava_cv``
-    cross-validates the recipe over ``cv.folds`` folds, ``cassava_cv_predict`` predicts with
-    their ensemble, and ``cassava_cv_clean`` trains the second round, the suspected mislabels
-    kept, dropped or relabelled (``cv.label_issues``).
+    cross-validates the recipe over ``cv.folds`` folds and exports their ensemble,
+    ``cassava_cv_predict`` is ``cassava_predict`` with it, and ``cassava_cv_clean`` trains the
+    second round, the suspected mislabels kept, dropped or relabelled (``cv.label_issues``).
     """
     # Kedro warns (once per process) when a node reads a dataset of another namespace, here the
     # names its own pipeline(namespace=...) gave: "small.presized_images" for lr_find and the
@@ -40,7 +40,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         evaluation = evaluate.create_pipeline()
         folds = configured_folds()
         cross_validation = data + initial() + cv.create_pipeline(folds=folds)
-        ensemble = cv.predict_pipeline(folds=folds)
+        ensemble = cv.predict_pipeline()
         cleaned = cv.clean_pipeline()
     return {
         "sample_data": sample_data.create_pipeline(),

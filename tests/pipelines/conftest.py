@@ -48,6 +48,8 @@ def make_catalog(
         "raw_images": MemoryDataset(raw, copy_mode="assign"),
         "predict_images": MemoryDataset(predict_folder, copy_mode="assign"),
         "exported_model": ExportedModelDataset(path=str(out / "model.safetensors")),
+        # predict.model null: cassava_predict reads the exported model (conf/base/catalog.yml)
+        "predict_model": ExportedModelDataset(path=str(out / "model.safetensors")),
         "submission": CSVDataset(filepath=str(out / "submission.csv"), save_args={"index": False}),
         "test_predictions": CSVDataset(
             filepath=str(out / "test_predictions.csv"), save_args={"index": False}

@@ -167,3 +167,47 @@ def test_a_fold_ensemble_averages_its_members_probabilities(test_images: Path):
     assert not np.allclose(each[0].probabilities, each[1].probabilities)  # different members
     with pytest.raises(ValueError, match="differ in class_ids"):
         Ensemble([members[0], _member(4, class_ids=("a", "b", "c"))])
+
+
+def test_an_exported_ensemble_is_one_verified_file_that_predicts_as_its_members(
+    test_images: Path, tmp_path: Path
+):
+    from cassava_pipeline.datasets import ExportedModelDataset
+    from cassava_pipeline.vision.export import ENSEMBLE_FORMAT, ExportedEnsemble, load_model_file
+    from cassava_pipeline.vision.predict import Ensemble, classifier
+
+    members = (_member(1), _member(2))
+    data = ExportedEnsemble(members).to_bytes()
+    assert data == ExportedEnsemble((_member(1), _member(2))).to_bytes()  # same models, bytes
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["cassava_pipeline"])
+    assert header["format"] == ENSEMBLE_FORMAT and len(header["members"]) == 2
+    back = load_model_file(data, source="cv_ensemble.safetensors")
+    assert isinstance(back, ExportedEnsemble) and len(back.members) == 2
+    for was, now in zip(members, back.members, strict=True):
+        assert now.card == was.card and now.weights.keys() == was.weights.keys()
+        assert all(torch.equal(now.weights[k], w) for k, w in was.weights.items())
+    assert isinstance(load_model_file(members[0].to_bytes()), ExportedModel)  # one model: itself
+
+    # through the catalog's dataset: the file predicts as the ensemble of its members
+    dataset = ExportedModelDataset(path=str(tmp_path / "cv_ensemble.safetensors"))
+    dataset.save(back)
+    loaded = dataset.load()
+    paths = [test_images / n for n in list_folder(test_images)]
+    predictor = classifier(loaded)
+    assert isinstance(predictor, Ensemble)
+    got = predictor.predict(paths, tta_options=None, batch_size=3).probabilities
+    want = Ensemble(list(members)).predict(paths, tta_options=None, batch_size=3).probabilities
+    np.testing.assert_array_equal(got, want)
+
+    # a damaged member is refused, named; so is a single-model reader, and members that differ
+    damaged = bytearray(data)
+    damaged[-3] ^= 0xFF  # inside the last member's last tensor
+    with pytest.raises(ExportError, match=r"member 1\) is damaged"):
+        load_model_file(bytes(damaged), source="cv_ensemble.safetensors")
+    with pytest.raises(ExportError, match="expected 'cassava-pipeline/model-v2'"):
+        ExportedModel.from_bytes(data, source="cv_ensemble.safetensors")
+    with pytest.raises(ExportError, match="differ in class_ids"):
+        ExportedEnsemble((members[0], _member(4, class_ids=("a", "b", "c"))))
+    with pytest.raises(ExportError, match="at least one"):
+        ExportedEnsemble(())

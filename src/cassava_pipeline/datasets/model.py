@@ -7,13 +7,21 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from cassava_pipeline.vision.export import ExportedModel, ExportError
+from cassava_pipeline.vision.export import (
+    ExportedEnsemble,
+    ExportedModel,
+    ExportError,
+    load_model_file,
+)
 
 from .checkpoint import write_atomic_rank0
 
+Model = ExportedModel | ExportedEnsemble
 
-class ExportedModelDataset(AbstractDataset[ExportedModel, ExportedModel]):
-    """Saves an :class:`ExportedModel` as one safetensors file, atomically; loads it back.
+
+class ExportedModelDataset(AbstractDataset[Model, Model]):
+    """Saves an :class:`ExportedModel` (or a fold :class:`ExportedEnsemble`) as one safetensors
+    file, atomically; loads back whichever the file holds.
 
     Loading parses tensors and JSON only, never pickles.
     """
@@ -22,16 +30,17 @@ class ExportedModelDataset(AbstractDataset[ExportedModel, ExportedModel]):
         self._path = Path(path)
         self.metadata = metadata
 
-    def load(self) -> ExportedModel:
+    def load(self) -> Model:
         if not self._path.is_file():
             raise ExportError(
                 f"No trained model at {self._path}. Models live apart per --env and data set "
                 "(--params=data.raw=...): train one first with the same --env and data.raw "
-                "(kedro run --pipelines=cassava ...), then predict with those same options."
+                "(kedro run --pipelines=cassava ...; the fold ensemble: --pipelines=cassava_cv), "
+                "then predict with those same options."
             )
-        return ExportedModel.from_bytes(self._path.read_bytes(), source=str(self._path))
+        return load_model_file(self._path.read_bytes(), source=str(self._path))
 
-    def save(self, data: ExportedModel) -> None:
+    def save(self, data: Model) -> None:
         write_atomic_rank0(self._path, lambda fh: fh.write(data.to_bytes()))
 
     def _exists(self) -> bool:

@@ -29,6 +29,11 @@ from .integrity import content_sha256
 from .models import Stats, create_model
 
 MODEL_FORMAT = "cassava-pipeline/model-v2"  # v2: the header holds the weights' sha256
+# several models of one recipe in one file (a cross-validation's folds): each member's card and
+# weights' sha256 in the header, its tensors under "<member>." names
+ENSEMBLE_FORMAT = "cassava-pipeline/ensemble-v1"
+# what an ensemble's members must share: the classes, and one decoding of the images for all
+ENSEMBLE_SHARED = ("classes", "class_ids", "presize", "max_image_pixels", "jpeg_draft")
 _REEXPORT = (
     "Do not use it; export it again (kedro run --pipelines=train, or dvc repro train) or restore "
     "it (dvc pull)"
@@ -98,29 +103,31 @@ class ExportedModel:
     card: ModelCard
     weights: dict[str, torch.Tensor]
 
-    def to_bytes(self) -> bytes:
+    def _entry(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors as saved, and the card and their sha256 for the header."""
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.weights.items()}
-        header = {
-            "format": MODEL_FORMAT,
-            "model_card": asdict(self.card),
-            "weights_sha256": content_sha256(tensors),
-        }
-        return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
+        return tensors, {"model_card": asdict(self.card), "weights_sha256": content_sha256(tensors)}
+
+    def to_bytes(self) -> bytes:
+        tensors, entry = self._entry()
+        return _save(tensors, {"format": MODEL_FORMAT, **entry})
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "model") -> ExportedModel:
         """The model in a file's bytes, its weights verified against the sha256 in its header."""
-        header = _card_header(data, source)
-        card = ModelCard.from_dict(header["model_card"])
-        try:
-            weights = st_load(data)
-        except Exception as e:  # safetensors raises its own error types on damaged data
-            raise ExportError(f"{source} is damaged ({e}). {_REEXPORT}") from None
+        header = _card_header(data, source, MODEL_FORMAT)
+        return cls._verified(header, _tensors(data, source), source)
+
+    @classmethod
+    def _verified(
+        cls, entry: dict[str, Any], weights: dict[str, torch.Tensor], source: str
+    ) -> ExportedModel:
+        card = ModelCard.from_dict(entry["model_card"])
         actual = content_sha256(weights)
-        if actual != header.get("weights_sha256"):
+        if actual != entry.get("weights_sha256"):
             raise ExportError(
                 f"{source} is damaged: its weights do not match the sha256 in its header "
-                f"(recorded {header.get('weights_sha256')}, now {actual}). {_REEXPORT}"
+                f"(recorded {entry.get('weights_sha256')}, now {actual}). {_REEXPORT}"
             )
         return cls(card, weights)
 
@@ -132,6 +139,81 @@ class ExportedModel:
         )
         model.load_state_dict(self.weights)
         return model.eval()
+
+
+@dataclass(frozen=True)
+class ExportedEnsemble:
+    """Several exported models of one recipe (a cross-validation's fold models), saved as one
+    safetensors file: predicting with it averages their probabilities. Every member's weights
+    are verified against their sha256 on load, as a single model's are."""
+
+    members: tuple[ExportedModel, ...]
+
+    def __post_init__(self) -> None:
+        check_members([m.card for m in self.members])
+
+    @property
+    def card(self) -> ModelCard:
+        """The first member's card: the classes, presize and decoding all members share."""
+        return self.members[0].card
+
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        entries = []
+        for i, member in enumerate(self.members):
+            weights, entry = member._entry()
+            tensors.update({f"{i}.{k}": v for k, v in weights.items()})
+            entries.append(entry)
+        return _save(tensors, {"format": ENSEMBLE_FORMAT, "members": entries})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "ensemble") -> ExportedEnsemble:
+        header = _card_header(data, source, ENSEMBLE_FORMAT)
+        tensors = _tensors(data, source)
+        members = []
+        for i, entry in enumerate(header.get("members") or []):
+            prefix = f"{i}."
+            weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            members.append(ExportedModel._verified(entry, weights, f"{source} (member {i})"))
+        if not members or sum(len(m.weights) for m in members) != len(tensors):
+            raise ExportError(f"{source} is damaged: its tensors are not its members'. {_REEXPORT}")
+        return cls(tuple(members))
+
+
+def check_members(cards: list[ModelCard]) -> None:
+    """Models that can predict as one ensemble: at least one, sharing :data:`ENSEMBLE_SHARED`."""
+    if not cards:
+        raise ExportError("an ensemble needs at least one model")
+    for card in cards[1:]:
+        differs = [k for k in ENSEMBLE_SHARED if getattr(card, k) != getattr(cards[0], k)]
+        if differs:
+            raise ExportError(
+                f"the ensemble's models differ in {', '.join(differs)}: they must come from "
+                "one cross-validation run (kedro run --pipelines=cassava_cv)"
+            )
+
+
+def load_model_file(data: bytes, *, source: str = "model") -> ExportedModel | ExportedEnsemble:
+    """A model file's bytes as the single model or the ensemble it holds."""
+    meta = _header(data, source).get("__metadata__") or {}
+    try:
+        kind = json.loads(meta[_HEADER_KEY]).get("format")
+    except (KeyError, ValueError, AttributeError):
+        kind = None  # not ours: ExportedModel says what it expected
+    return (ExportedEnsemble if kind == ENSEMBLE_FORMAT else ExportedModel).from_bytes(
+        data, source=source
+    )
+
+
+def _save(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> bytes:
+    return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
+
+
+def _tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types on damaged data
+        raise ExportError(f"{source} is damaged ({e}). {_REEXPORT}") from None
 
 
 def _header(data: bytes, source: str) -> dict[str, Any]:
@@ -146,23 +228,27 @@ def _header(data: bytes, source: str) -> dict[str, Any]:
         raise ExportError(f"{source} is not a readable safetensors file ({e}). {_REEXPORT}") from e
 
 
-def _card_header(data: bytes, source: str) -> dict[str, Any]:
+def _card_header(data: bytes, source: str, expected: str) -> dict[str, Any]:
     meta = _header(data, source).get("__metadata__") or {}
     try:
         header = json.loads(meta[_HEADER_KEY])
     except (KeyError, ValueError):
         header = {}
-    if header.get("format") != MODEL_FORMAT:
-        raise ExportError(
-            f"{source} is format {header.get('format')!r}, expected {MODEL_FORMAT!r}: "
+    if header.get("format") != expected:
+        how = (
             "export it with `kedro run --pipelines=cassava` (node export_model)"
+            if expected == MODEL_FORMAT
+            else "make it with `kedro run --pipelines=cassava_cv` (node export_ensemble)"
+        )
+        raise ExportError(
+            f"{source} is format {header.get('format')!r}, expected {expected!r}: {how}"
         )
     return header
 
 
 def read_card(data: bytes, *, source: str = "model") -> ModelCard:
     """The model card of a model file's bytes, without loading the weights."""
-    return ModelCard.from_dict(_card_header(data, source)["model_card"])
+    return ModelCard.from_dict(_card_header(data, source, MODEL_FORMAT)["model_card"])
 
 
 def export_checkpoint(

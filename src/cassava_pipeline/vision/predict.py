@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .data import LoaderOptions
-from .export import ExportedModel
+from .export import ExportedEnsemble, ExportedModel, check_members
 from .images import ImageError, read_bytes
 from .parallel import chunked, ordered_map, resolve_workers
 from .presize import presize_bytes
@@ -229,27 +229,25 @@ class Classifier:
         ]
 
 
+def classifier(
+    model: ExportedModel | ExportedEnsemble, *, device: str | torch.device = "cpu"
+) -> Classifier:
+    """The classifier of a model file's content: one model, or an ensemble averaging its
+    members' probabilities."""
+    if isinstance(model, ExportedEnsemble):
+        return Ensemble(model.members, device=device)
+    return Classifier(model, device=device)
+
+
 class Ensemble(Classifier):
     """Several exported models of one recipe (a cross-validation's folds) as one classifier:
     the images are decoded once, each model predicts them (with TTA when asked) and their
     probabilities are averaged."""
 
-    # what the models must share: the same classes, and one decoding of the images for all
-    SHARED = ("classes", "class_ids", "presize", "max_image_pixels", "jpeg_draft")
-
     def __init__(self, members: Sequence[ExportedModel], *, device: str | torch.device = "cpu"):
-        if not members:
-            raise ValueError("an ensemble needs at least one model")
+        check_members([m.card for m in members])
         self.members = [Classifier(m, device=device) for m in members]
-        first = self.members[0].card
-        for m in self.members[1:]:
-            differs = [k for k in self.SHARED if getattr(m.card, k) != getattr(first, k)]
-            if differs:
-                raise ValueError(
-                    f"the ensemble's models differ in {', '.join(differs)}: they must come from "
-                    "one cross-validation run (kedro run --pipelines=cassava_cv)"
-                )
-        self.card = first
+        self.card = self.members[0].card
         self.device = torch.device(device)
 
     def probabilities(

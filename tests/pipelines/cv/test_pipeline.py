@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from kedro.io import MemoryDataset
 from kedro.runner import SequentialRunner
 from mlflow.tracking import MlflowClient
@@ -83,6 +84,7 @@ def _fold_catalog(catalog, out: Path):
     catalog["cv_held_out_metrics"] = JSONDataset(filepath=str(out / "cv_held_out.json"))
     catalog["label_issues_plot"] = MatplotlibDataset(filepath=str(out / "label_issues.png"))
     catalog["label_issues"] = CSVDataset(filepath=str(out / "label_issues.csv"))
+    catalog["cv_ensemble_model"] = ExportedModelDataset(path=str(out / "cv_ensemble.safetensors"))
     return catalog
 
 
@@ -172,12 +174,19 @@ def test_every_training_image_gets_one_prediction_from_a_model_that_did_not_see_
     scored = catalog["cleaned.validation_predictions"].load()
     assert set(scored["path"]) == set(folds.loc[folds["fold"] == HELD_OUT, "path"])
 
-    # the fold ensemble predicts a folder: the mean of the fold models' TTA probabilities
+    # the exported fold ensemble predicts a folder: the mean of the fold models' TTA
+    # probabilities; cassava_cv_predict is cassava_predict with it
+    ensemble = catalog["cv_ensemble_model"].load()  # the file: every member verified
+    assert len(ensemble.members) == FOLDS
+    for k, member in enumerate(ensemble.members):
+        fold = catalog[f"fold_{k}.exported_model"].load()
+        assert member.card == fold.card
+        assert all(torch.equal(member.weights[n], w) for n, w in fold.weights.items())
     catalog["predict_images"] = MemoryDataset(kaggle_dir / "train_images", copy_mode="assign")
     for name in ("cv_test_predictions", "cv_submission"):
         catalog[name] = CSVDataset(filepath=str(out / f"{name}.csv"), save_args={"index": False})
     catalog["cv_predict_report"] = JSONDataset(filepath=str(out / "cv_predict_report.json"))
-    SequentialRunner().run(predict_pipeline(folds=FOLDS), catalog)
+    SequentialRunner().run(predict_pipeline(), catalog)
     submission = pd.read_csv(out / "cv_submission.csv")
     assert len(submission) == 18 and set(submission["label"]) <= {0, 1, 2}
     report = catalog["cv_predict_report"].load()

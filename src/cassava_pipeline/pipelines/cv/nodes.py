@@ -16,6 +16,7 @@ from scipy.stats import bootstrap
 from cassava_pipeline.pipelines.evaluate.nodes import InterpretParams, score
 from cassava_pipeline.validation import parse
 from cassava_pipeline.vision.data import CroppedItems
+from cassava_pipeline.vision.export import ExportedEnsemble, ExportedModel
 from cassava_pipeline.vision.folds import (
     HELD_OUT,
     FoldOptions,
@@ -153,6 +154,12 @@ def revise_labels(
         int(counts.get("relabelled", 0)),
     )
     return revision
+
+
+def export_ensemble(*fold_models: ExportedModel) -> ExportedEnsemble:
+    """The fold models as one file: ``cassava_predict`` averages their (TTA) probabilities
+    (``--params=predict.model=<its path>``)."""
+    return ExportedEnsemble(tuple(fold_models))
 
 
 def held_out_predictions(

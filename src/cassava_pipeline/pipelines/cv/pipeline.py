@@ -8,7 +8,8 @@ validation fold (that fold's out-of-fold predictions) and of the held-out side. 
 --pipelines=cassava_cv --namespaces=fold_2`` runs one fold alone (the folds, the shards and the
 initial checkpoint are files; the other folds' outputs too). ``out_of_fold`` gathers the
 out-of-fold predictions (CV accuracy, label issues), ``held_out_report`` scores each fold model
-and their ensemble on the held-out side.
+and their ensemble on the held-out side, ``export_ensemble`` writes the fold models as one file
+that ``cassava_predict`` predicts with (``predict.model``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial, update_wrapper
 
-from kedro.pipeline import Node, Pipeline
+from kedro.pipeline import Node, Pipeline, pipeline
 
+from cassava_pipeline.pipelines import predict
 from cassava_pipeline.pipelines.evaluate.nodes import evaluate
-from cassava_pipeline.pipelines.predict.nodes import predict_with_ensemble
 from cassava_pipeline.pipelines.train import pipeline as train
 from cassava_pipeline.vision.folds import fold_name, fold_view
 from cassava_pipeline.vision.label_issues import revised_view
 
 from .nodes import (
     cv_summary,
+    export_ensemble,
     held_out_predictions,
     held_out_report,
     label_issue_figure,
@@ -151,6 +153,12 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
                 name="held_out_report",
             ),
             Node(
+                export_ensemble,
+                [f"{fold_name(k)}.exported_model" for k in range(folds)],
+                "cv_ensemble_model",
+                name="export_ensemble",
+            ),
+            Node(
                 cv_summary,
                 ["cv_metrics", "cv_held_out_metrics"],
                 "cv_final_metrics",
@@ -167,23 +175,16 @@ def create_pipeline(folds: int = 5, **kwargs) -> Pipeline:
     return cut + sum((fold_pipeline(k) for k in range(folds)), Pipeline([])) + gather
 
 
-def predict_pipeline(folds: int = 5) -> Pipeline:
-    """cassava_cv_predict: the fold ensemble on a folder of new images (``predict.images``), its
-    probabilities the mean of the folds' TTA probabilities; Kaggle's submission as
-    ``cv_submission``."""
-    return Pipeline(
-        [
-            Node(
-                predict_with_ensemble,
-                [
-                    "predict_images",
-                    "params:predict",
-                    "params:tta",
-                    "params:runtime",
-                    *(f"{fold_name(k)}.exported_model" for k in range(folds)),
-                ],
-                ["cv_test_predictions", "cv_submission", "cv_predict_report"],
-                name="predict_with_ensemble",
-            )
-        ]
+def predict_pipeline() -> Pipeline:
+    """cassava_cv_predict: ``cassava_predict`` with the fold ensemble (``cv_ensemble_model``) on
+    a folder of new images (``predict.images``), its probabilities the mean of the folds' TTA
+    probabilities, written apart from the single model's (``cv_submission``, ...)."""
+    return pipeline(
+        predict.create_pipeline(),
+        inputs={"predict_model": "cv_ensemble_model"},
+        outputs={
+            "test_predictions": "cv_test_predictions",
+            "submission": "cv_submission",
+            "predict_report": "cv_predict_report",
+        },
     )

@@ -11,11 +11,11 @@ import pandas as pd
 
 from cassava_pipeline.validation import parse
 from cassava_pipeline.vision import allocator
-from cassava_pipeline.vision.export import ExportedModel
+from cassava_pipeline.vision.export import ExportedEnsemble, ExportedModel
 from cassava_pipeline.vision.layouts import LayoutError
 from cassava_pipeline.vision.learner import RuntimeConfig
 from cassava_pipeline.vision.options import STRICT, NonNegativeInt, PositiveInt
-from cassava_pipeline.vision.predict import Classifier, Ensemble, list_folder
+from cassava_pipeline.vision.predict import classifier, list_folder
 from cassava_pipeline.vision.run import inference_device
 from cassava_pipeline.vision.tta import TtaOptions
 
@@ -29,6 +29,7 @@ class PredictParams:
     __pydantic_config__ = STRICT
 
     images: str | None = None  # the catalog's predict_images reads it (--params=predict.images)
+    model: str | None = None  # the catalog's predict_model reads it: a model or ensemble file
     tta: bool = True  # fastai's TTA with the ``tta`` settings; false: plain predictions
     batch_size: PositiveInt = 64  # images per forward pass
     workers: NonNegativeInt = 0  # processes decoding images; 0 = all cores
@@ -36,39 +37,19 @@ class PredictParams:
 
 
 def predict_images(
-    model: ExportedModel,
+    model: ExportedModel | ExportedEnsemble,
     images_root: Path,
     params: dict[str, Any],
     tta_params: dict[str, Any],
     runtime_params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Probabilities for every readable image under ``images_root``, Kaggle's submission
-    (``image_id,label``), and a report naming each image left out and why.
+    (``image_id,label``), and a report naming each image left out and why. A fold ensemble's
+    probabilities are the mean of its members' (with TTA when asked); the images are decoded
+    once for all of them.
 
     An unreadable image is logged and reported; it never stops the run.
     """
-    return _predict_folder([model], images_root, params, tta_params, runtime_params)
-
-
-def predict_with_ensemble(
-    images_root: Path,
-    params: dict[str, Any],
-    tta_params: dict[str, Any],
-    runtime_params: dict[str, Any],
-    *models: ExportedModel,
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """As :func:`predict_images`, with the cross-validation's fold models: each image's
-    probabilities are the mean of the folds' (TTA) probabilities."""
-    return _predict_folder(list(models), images_root, params, tta_params, runtime_params)
-
-
-def _predict_folder(
-    models: list[ExportedModel],
-    images_root: Path,
-    params: dict[str, Any],
-    tta_params: dict[str, Any],
-    runtime_params: dict[str, Any],
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     if not images_root.is_dir():
         raise LayoutError(
             f"predict.images: {images_root} is not a folder. Give a folder of photos: "
@@ -80,9 +61,8 @@ def _predict_folder(
     runtime = parse(RuntimeConfig, runtime_params)
     allocator.apply(runtime.malloc)
     device = inference_device(runtime.accelerator)
-    one = len(models) == 1
-    classifier = Classifier(models[0], device=device) if one else Ensemble(models, device=device)
-    out = classifier.predict(
+    predictor = classifier(model, device=device)
+    out = predictor.predict(
         [images_root / n for n in names],
         names=names,
         tta_options=options,
@@ -96,7 +76,8 @@ def _predict_folder(
         logger.warning("%s holds no files: the submission is empty", images_root)
     table = out.table()
     counts = table["label"].value_counts()
-    card = classifier.card
+    card = predictor.card
+    members = len(model.members) if isinstance(model, ExportedEnsemble) else 1
     report = {
         "folder": str(images_root),
         "n_files": len(names),
@@ -111,7 +92,7 @@ def _predict_folder(
             "recipe_version": card.recipe_version,
             "image_size": card.image_size,
             "presize": card.presize,
-            "members": len(models),  # > 1: a fold ensemble, probabilities averaged
+            "members": members,  # > 1: a fold ensemble, probabilities averaged
         },
     }
     logger.info(

@@ -1,4 +1,5 @@
-"""cassava_predict: the exported model on a folder of unlabeled images (Kaggle's test_images/)."""
+"""cassava_predict: the exported model (or the fold ensemble, ``predict.model``) on a folder of
+unlabeled images (Kaggle's test_images/)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -12,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 predict_images,
                 [
-                    "exported_model",
+                    "predict_model",
                     "predict_images",
                     "params:predict",
                     "params:tta",
