@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .data import LoaderOptions
-from .export import ExportedEnsemble, ExportedModel, check_members
+from .export import ExportedEnsemble, ExportedModel, check_members, load_model_file
 from .images import ImageError, read_bytes
 from .parallel import chunked, ordered_map, resolve_workers
 from .presize import presize_bytes
@@ -141,8 +141,10 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Classifier:
+        """The classifier of a model file: its model, or (a fold ensemble's file) its members
+        averaged."""
         path = Path(path)
-        return cls(ExportedModel.from_bytes(path.read_bytes(), source=str(path)), device=device)
+        return classifier(load_model_file(path.read_bytes(), source=str(path)), device=device)
 
     @property
     def classes(self) -> tuple[str, ...]:
