@@ -22,6 +22,9 @@ def store(tmp_path: Path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("test", artifact_location=(tmp_path / "artifacts").as_uri())
+    # the active experiment too: one an earlier test set (kedro-mlflow's, in-process) is not
+    # in this store
+    mlflow.set_experiment(experiment_id=exp)
     yield uri, exp
     while mlflow.active_run():
         mlflow.end_run()
