@@ -36,8 +36,11 @@ sample: $(VENV)/.installed conf/local/credentials.yml
 run: sample
 	$(BIN)/kedro run --pipelines=cassava
 
+# One worker per core (pytest-xdist), each test file whole on one worker so that its module
+# fixtures (a demo project, a DVC repository) are built once; tests/conftest.py gives each
+# worker one thread. `.venv/bin/python -m pytest tests/...` runs in one process, as usual.
 test: $(VENV)/.installed-dev conf/local/credentials.yml lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

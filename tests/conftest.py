@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,18 @@ import pytest
 from PIL import Image
 
 from tests.images import gradient_rgb, jpeg_bytes, write_jpeg
+
+
+def pytest_configure(config):
+    """Under ``make test``'s parallel workers (pytest-xdist), one thread per worker and per
+    process it starts: two workers of two threads each on two cores spend their time waiting
+    for each other (the suite took twice the CPU time so)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -87,6 +87,9 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
+    # Ctrl-C's default, even where this process was started with SIGINT ignored (a parallel
+    # test worker, nohup): Python then installs no KeyboardInterrupt handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
     from cassava_pipeline.vision.learner import RuntimeConfig, Trainer
     from cassava_pipeline.vision.run import make_fabric, model_from_checkpoint

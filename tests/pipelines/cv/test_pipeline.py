@@ -220,21 +220,25 @@ def ckpt_on(catalog, k: int) -> dict:
 
 
 def _colour_set(root: Path, per_class: int, flipped: int) -> tuple[Path, str]:
-    """Kaggle's layout: red, green and blue photos (noisy, JPEG) labelled by colour, except one
-    pure red photo labelled green. Returns the folder and that photo's path.
+    """Kaggle's layout: red, green and blue photos (JPEG) labelled by colour, each its class's
+    colour plus noise of an amplitude drawn per photo (some nearly grey), except one red photo
+    labelled green. Returns the folder and that photo's path.
 
-    Pure, so that the fold model is surer of its colour than of a typical red photo's: cleanlab
-    counts a photo as a label issue when the probability of another class reaches that class's
-    mean self-confidence, which a photo as red as the rest reaches half the time."""
+    The flipped photo is saturated red with little noise (the noisiest red photos reach such
+    pixels too): the fold model is surer of it than of a typical red photo. Cleanlab counts a
+    photo as a label issue when the probability of another class reaches that class's mean
+    self-confidence, which a typical red photo reaches only about half the time; the noisy
+    photos keep that mean below the clear ones."""
     rng = np.random.default_rng(7)
     rows = []
     for label in range(3):
         for j in range(per_class):
-            img = rng.integers(0, 90, (30, 40, 3))
-            img[..., label] += 140
-            if (label, j) == (0, flipped):  # unmistakably red: the model is surest of it
-                img = rng.integers(0, 10, (30, 40, 3))
-                img[..., 0] += 230
+            colour = np.full(3, 60.0)
+            colour[label] = 200.0
+            amplitude = rng.uniform(30, 110)
+            if (label, j) == (0, flipped):  # saturated, little noise: as red as a photo gets
+                colour, amplitude = np.array([235.0, 25.0, 25.0]), 8.0
+            img = np.clip(colour + rng.uniform(-amplitude, amplitude, (30, 40, 3)), 0, 255)
             image_id = f"{label}{j:03d}.jpg"
             path = root / "train_images" / image_id
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,8 +249,10 @@ def _colour_set(root: Path, per_class: int, flipped: int) -> tuple[Path, str]:
     return root, f"train_images/0{flipped:03d}.jpg"
 
 
-# Checked over seeds 0 to 3 (model, training and folds): the planted photo was among the first
-# three suspects each time. One seed here: the suite's time.
+# Checked over seeds 0 to 3 (model, training and folds), each at one thread (make test's
+# workers) and at two: the planted photo was among the first three suspects each time. (An
+# earlier set, pure red on uniform noise, failed at one thread: its fold model gave the photo
+# p(red) just under cleanlab's threshold.) One seed here: the suite's time.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_a_planted_label_flip_ranks_among_the_top_suspects(params, tmp_path: Path, seed: int):
