@@ -122,3 +122,19 @@ def test_a_revision_keeps_drops_or_relabels_the_suspects_only(tmp_path):
         revise_labels(
             folded, issues.assign(image=[held, suspects["path"].iloc[1]]), colours, "drop"
         )
+
+
+def test_label_issues_start_no_process_pool(monkeypatch):
+    """cleanlab forks a multiprocessing pool by default; in a kedro run (torch's and Arrow's
+    threads running) a pool worker deadlocked on the pool's queue lock and the run hung in
+    out_of_fold. The issues come from this process alone (on the clothing-small benchmark's
+    out-of-fold predictions: the same 424 suspects in the same order as with the pool)."""
+    import multiprocessing
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("label_issues started a process pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", refuse)
+    images, given, probs, flipped = oof(500, 25, 0)
+    issues = label_issues(images, given, probs, CLASSES)
+    assert set(issues["image"]) & {images[i] for i in flipped}

@@ -39,7 +39,10 @@ def label_issues(
     p = p / p.sum(axis=1, keepdims=True)
     if len(images) == 0:
         return pd.DataFrame(columns=list(ISSUE_COLUMNS))
-    ranked = find_label_issues(labels, p, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool per call, inside a process with
+    # torch's and Arrow's threads running; a pool worker was seen deadlocked on the pool's
+    # queue lock (kedro run hung in out_of_fold). One process is quick at these sizes.
+    ranked = find_label_issues(labels, p, return_indices_ranked_by="self_confidence", n_jobs=1)
     return pd.DataFrame(
         {
             "image": [images[i] for i in ranked],
