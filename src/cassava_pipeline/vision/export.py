@@ -35,8 +35,9 @@ ENSEMBLE_FORMAT = "cassava-pipeline/ensemble-v1"
 # what an ensemble's members must share: the classes, and one decoding of the images for all
 ENSEMBLE_SHARED = ("classes", "class_ids", "presize", "max_image_pixels", "jpeg_draft")
 _REEXPORT = (
-    "Do not use it; export it again (kedro run --pipelines=train, or dvc repro train) or restore "
-    "it (dvc pull)"
+    "Do not use it; export it again (kedro run --pipelines=train, or dvc repro train; a fold "
+    "ensemble: kedro run --pipelines=cassava_cv --nodes=export_ensemble, or dvc repro "
+    "cv_report) or restore it (dvc pull)"
 )
 # One header key: safetensors writes its metadata map in no fixed order, so two keys would make
 # two saves of the same model differ byte for byte.
